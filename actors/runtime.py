@@ -213,7 +213,8 @@ async def _serve(actor_cls: type[Actor], settings: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, main_task.cancel)
     topics = {*actor_cls.topics, CONTROL}
     try:
-        bus = BusClient(Endpoints.from_settings(settings), actor_cls.name, topics)
+        bus = BusClient(Endpoints.from_settings(settings), actor_cls.name, topics,
+                        instance=settings.instance or None)
     except RuntimeError as exc:
         raise StartupError(str(exc)) from None
     try:

@@ -11,6 +11,7 @@ every frame; bad ones are dropped, counted in :attr:`BusClient.drops` and logged
 
 from __future__ import annotations
 
+import argparse
 import collections
 import time
 import uuid
@@ -37,9 +38,8 @@ class Endpoints:
     keys: str = ""
 
     @classmethod
-    def from_settings(cls, settings: object) -> Endpoints:
-        return cls(pub=settings.bus_pub, sub=settings.bus_sub,  # type: ignore[attr-defined]
-                   keys=getattr(settings, "bus_keys", ""))
+    def from_settings(cls, settings: argparse.Namespace) -> Endpoints:
+        return cls(pub=settings.bus_pub, sub=settings.bus_sub, keys=settings.bus_keys)
 
 
 class BusClient:

@@ -56,6 +56,7 @@ GROUPS: dict[str, tuple[Option, ...]] = {
                "broker endpoint that subscribers connect to (its XPUB side)"),
         Option("--bus-keys", "",
                "folder of CURVE keys (python -m bus.keys); required when the bus is not on loopback"),
+        Option("--instance", "", "this process's name on the bus; empty: ACTOR-<random>"),
     ),
     "log": (
         Option("--log-json", False, "log JSON lines instead of readable text", type=_bool),
