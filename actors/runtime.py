@@ -152,9 +152,8 @@ class Actor(abc.ABC):
                 return
             if not self._mine(msg.session):
                 return
-            if msg.kind == ControlKind.INTERRUPT:
-                if self.turns.advance(msg.session, msg.turn):
-                    await self.interrupted(msg.session, msg.turn)
+            if msg.kind == ControlKind.INTERRUPT and self.turns.advance(msg.session, msg.turn):
+                await self.interrupted(msg.session, msg.turn)
             if CONTROL in self.topics:
                 await self.handle(msg)  # control from the page carries no turn: never stale
             return

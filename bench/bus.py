@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -26,9 +25,9 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bus.client import BusClient, Endpoints  # noqa: E402
-from bus.schema import Token  # noqa: E402
-from tests.harness import free_port  # noqa: E402
+from bus.client import BusClient, Endpoints
+from bus.schema import Token
+from tests.harness import free_port
 
 PAYLOAD = 1024
 TOPIC = b"bench\0"

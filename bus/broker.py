@@ -46,7 +46,7 @@ def serve(pub: str, sub: str, keys_dir: str = "", stop: threading.Event | None =
         xsub.bind(_bind_address(pub))
         xpub.bind(_bind_address(sub))
     except zmq.ZMQError as exc:
-        raise SystemExit(f"broker: cannot bind {pub} / {sub}: {exc} (is another broker running?)")
+        raise SystemExit(f"broker: cannot bind {pub} / {sub}: {exc} (is another broker running?)") from None
     log.info("broker_listening", pub=pub, sub=sub, curve=keys is not None)
 
     def _watch() -> None:

@@ -89,6 +89,9 @@ GROUPS: dict[str, tuple[Option, ...]] = {
                "bundled name (tiny.en, base), local folder, or Hugging Face id"),
         Option("--asr-device", "auto", "cpu, cuda or auto"),
         Option("--asr-language", "en", "spoken language code, or empty to detect"),
+        Option("--asr-min-speech-ms", 300,
+               "speech (by VAD) an utterance needs to be transcribed at all", type=int),
+        Option("--asr-cache-dir", "cache", "where the two-part bundled Whisper base is joined"),
     ),
     "llm": (
         Option("--llm-backend", "auto",
