@@ -27,7 +27,6 @@ import structlog
 
 from bus.client import BusClient, Endpoints
 from bus.keys import BusSecurityError
-from bus.membership import DEAD_AFTER_S
 from bus.schema import CONTROL, NO_SESSION, Control, ControlKind
 from core import config, logs
 

@@ -100,7 +100,8 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         Option("--llm-base-url", "", "OpenAI-compatible endpoint (vLLM, llama.cpp, Ollama, OpenAI)"),
         Option("--llm-api-key", "", "API key for --llm-base-url", env="OPENAI_API_KEY", secret=True),
         Option("--llm-model", "",
-               "model name (openai) or Hugging Face id/folder (local); empty: the default"),
+               "model name (openai), or Hugging Face id/folder or .gguf file (local); "
+               "empty: the default"),
         Option("--llm-device", "auto", "cpu, cuda or auto (local backend)"),
         Option("--llm-system-prompt", "", "system prompt; empty: the built-in spoken-assistant prompt"),
         Option("--llm-max-tokens", 160, "longest reply in tokens", type=int),
@@ -108,6 +109,8 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         Option("--llm-image-detail", "low", "image detail sent with a frame",
                choices=("low", "high", "auto")),
         Option("--llm-timeout", 30.0, "seconds before an endpoint request is abandoned", type=float),
+        Option("--llm-retries", 2,
+               "extra attempts after a rate limit, server error or refused connection", type=int),
         Option("--cache-dir", "cache", "where converted models are kept"),
     ),
     "tts": (

@@ -114,22 +114,28 @@ async def collect(bus: BusClient, predicate: Callable[[Message], bool],
     return out
 
 
-def is_ready(actor: str) -> Callable[[Message], bool]:
+def is_ready(actor: str, instance: str | None = None) -> Callable[[Message], bool]:
+    """Matches the readiness (or a heartbeat) of ``actor``, of one ``instance`` if given."""
     return lambda m: (isinstance(m, Control) and m.actor == actor
+                      and (instance is None or m.instance == instance)
                       and m.kind in (ControlKind.READY, ControlKind.HEARTBEAT))
 
 
 async def start_actor(tmp: Path, endpoints: Endpoints, name: str, *args: str,
                       env: dict[str, str] | None = None, timeout: float = 120.0,
                       log_name: str | None = None) -> Proc:
-    """Start ``python -m actors.NAME`` and wait until it reports ready on the bus."""
+    """Start ``python -m actors.NAME`` and wait until this very process reports ready."""
+    env = dict(env or {})
+    instance = env.setdefault("PARLEY_INSTANCE", f"{name}-test-{free_port()}")
+    if "--instance" in args:
+        instance = args[args.index("--instance") + 1]
     async with client(endpoints, [CONTROL], actor="test-ready") as bus:
-        proc = Proc([PYTHON, "-m", f"actors.{name}", *args], bus_env(endpoints, **(env or {})),
+        proc = Proc([PYTHON, "-m", f"actors.{name}", *args], bus_env(endpoints, **env),
                     tmp / f"{log_name or name}.log")
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    recv = asyncio.ensure_future(recv_until(bus, is_ready(name), timeout))
+                    recv = asyncio.ensure_future(recv_until(bus, is_ready(name, instance), timeout))
                     done, _ = await asyncio.wait({recv}, timeout=0.5)
                     if done:
                         recv.result()

