@@ -1,0 +1,281 @@
+"""Where a user's turn starts and ends: silero-vad speech probabilities and an endpointing machine.
+
+The model is the ONNX silero-vad bundled in the ``silero-vad`` wheel, run with onnxruntime
+directly (the package's own wrapper needs torch, which this process does not otherwise load):
+one shared inference session, and per call a :class:`VadStream` holding the recurrent state and
+the 64-sample context, exactly as ``silero_vad.OnnxWrapper`` does.
+
+:class:`Endpointer` turns audio (+ probabilities in hands-free mode, or talk presses in
+push-to-talk mode) into :class:`Onset` and :class:`End` events. It is plain synchronous code,
+fed by one thread at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+
+from bus.schema import PCM_RATE
+
+CHUNK = 512  # samples per VAD step at 16 kHz (32 ms), fixed by the model
+CONTEXT = 64  # samples of the previous chunk the model sees again
+
+
+def bundled_model() -> Path:
+    """Path of ``silero_vad.onnx`` inside the installed wheel (found without importing torch)."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the silero-vad package is not installed (pip install silero-vad)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
+    if not path.is_file():
+        raise FileNotFoundError(f"silero-vad model missing at {path}")
+    return path
+
+
+class SileroVad:
+    """The loaded model; ``run`` is thread-safe (onnxruntime sessions are)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        opts = onnxruntime.SessionOptions()
+        opts.inter_op_num_threads = 1
+        opts.intra_op_num_threads = 1
+        self.path = path or bundled_model()
+        self._session = onnxruntime.InferenceSession(
+            str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self._sr = np.array(PCM_RATE, dtype=np.int64)
+
+    def stream(self) -> VadStream:
+        return VadStream(self)
+
+    def run(self, x: np.ndarray, state: np.ndarray) -> tuple[float, np.ndarray]:
+        out, new_state = self._session.run(None, {"input": x, "state": state, "sr": self._sr})
+        return float(out[0, 0]), new_state
+
+
+class VadStream:
+    """Speech probability of consecutive 512-sample chunks of one audio stream."""
+
+    def __init__(self, model: SileroVad) -> None:
+        self._model = model
+        self.reset()
+
+    def reset(self) -> None:
+        self._state = np.zeros((2, 1, 128), dtype=np.float32)
+        self._context = np.zeros((1, CONTEXT), dtype=np.float32)
+
+    def __call__(self, chunk: np.ndarray) -> float:
+        x = np.concatenate([self._context, chunk.reshape(1, CHUNK).astype(np.float32)], axis=1)
+        prob, self._state = self._model.run(x, self._state)
+        self._context = x[:, -CONTEXT:]
+        return prob
+
+
+# ----------------------------------------------------------------------------- endpointing
+
+
+@dataclass(frozen=True, slots=True)
+class Onset:
+    """The user started a turn (speech confirmed, or push-to-talk pressed)."""
+
+    reason: str  # vad | ptt
+    at: float  # wall clock
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """The user's turn is over: its audio, as 16 kHz s16le mono."""
+
+    pcm: bytes
+    reason: str  # vad | ptt | max_length
+    speech_end: float  # wall clock of the end of the last speech
+
+
+Event = Onset | End
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    threshold: float = 0.5
+    silence_s: float = 0.5  # hands-free: silence that ends a turn
+    min_speech_s: float = 0.25  # hands-free: speech needed before a turn starts
+    max_utterance_s: float = 30.0
+    pre_roll_s: float = 0.3  # audio kept from before the onset (speech starts softly)
+    tail_s: float = 0.1  # audio kept after the last speech (hands-free; silero lags ~60 ms)
+    ptt_tail_s: float = 0.2  # audio kept after a talk release (still in flight)
+    pending_gap_s: float = 0.2  # silence that cancels a not-yet-confirmed onset
+    rate: int = PCM_RATE
+
+    @property
+    def neg_threshold(self) -> float:
+        """Below this a chunk is silence; between the two it continues what came before."""
+        return max(self.threshold - 0.15, 0.01)
+
+
+@dataclass(slots=True)
+class _Take:
+    """Audio of one turn in progress."""
+
+    reason: str
+    chunks: list[np.ndarray] = field(default_factory=list)
+    samples: int = 0
+    speech: int = 0  # voiced samples (hands-free)
+    silence_run: int = 0  # samples since the last voiced chunk
+    voiced_until: int = 0  # sample position right after the last voiced chunk
+    speech_end: float = 0.0
+    confirmed: bool = False
+    stop_after: int | None = None  # push-to-talk released: samples still to take
+    stop_at: float = 0.0
+
+    def add(self, chunk: np.ndarray) -> None:
+        self.chunks.append(chunk)
+        self.samples += len(chunk)
+
+
+def _to_pcm(chunks: list[np.ndarray], limit: int | None = None) -> bytes:
+    audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+    if limit is not None:
+        audio = audio[:limit]
+    return (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+
+
+class Endpointer:
+    """Hands-free (``vad``) or push-to-talk (``ptt``) turn detection over a 16 kHz stream."""
+
+    def __init__(self, config: EndpointConfig, mode: str = "vad") -> None:
+        self.config = config
+        self.mode = mode
+        self._pre_roll: collections.deque[np.ndarray] = collections.deque()
+        self._pre_samples = 0
+        self._take: _Take | None = None
+        self._voiced = False
+
+    @property
+    def active(self) -> bool:
+        """A turn is confirmed and in progress (its Onset was emitted)."""
+        return self._take is not None and self._take.confirmed
+
+    def _s(self, seconds: float) -> int:
+        return int(seconds * self.config.rate)
+
+    # -- commands
+
+    def set_mode(self, mode: str, now: float) -> list[Event]:
+        """Switch mode; a turn in progress ends as it is."""
+        if mode == self.mode:
+            return []
+        events = self._finish(now) if self.active else []
+        self._take = None
+        self.mode = mode
+        return events
+
+    def talk_start(self, now: float) -> list[Event]:
+        if self.mode != "ptt" or (self._take is not None and self._take.stop_after is None):
+            return []
+        events = self._finish(now) if self.active else []  # pressed again during the tail
+        self._take = _Take("ptt", confirmed=True, speech_end=now)
+        return [*events, Onset("ptt", now)]
+
+    def talk_stop(self, now: float) -> list[Event]:
+        take = self._take
+        if self.mode != "ptt" or take is None or take.stop_after is not None:
+            return []
+        take.stop_after = self._s(self.config.ptt_tail_s)
+        take.stop_at = now
+        take.speech_end = now
+        return []
+
+    def tick(self, now: float) -> list[Event]:
+        """Time passes without audio: a released push-to-talk turn ends anyway."""
+        take = self._take
+        if take is not None and take.stop_after is not None and (
+                now - take.stop_at > self.config.ptt_tail_s + 0.3):
+            return self._finish(now)
+        return []
+
+    # -- audio
+
+    def feed(self, chunk: np.ndarray, prob: float | None, now: float) -> list[Event]:
+        """One chunk of audio ending at wall-clock ``now``; ``prob`` is required in vad mode."""
+        if self.mode == "ptt":
+            return self._feed_ptt(chunk, now)
+        return self._feed_vad(chunk, prob or 0.0, now)
+
+    def _feed_ptt(self, chunk: np.ndarray, now: float) -> list[Event]:
+        take = self._take
+        if take is None:
+            return []
+        take.add(chunk)
+        if take.stop_after is not None:
+            take.stop_after -= len(chunk)
+            if take.stop_after <= 0:
+                return self._finish(now)
+        elif take.samples >= self._s(self.config.max_utterance_s):
+            take.speech_end = now
+            return self._finish(now, reason="max_length")
+        return []
+
+    def _feed_vad(self, chunk: np.ndarray, prob: float, now: float) -> list[Event]:
+        cfg = self.config
+        self._voiced = prob >= cfg.threshold or (self._voiced and prob >= cfg.neg_threshold)
+        take = self._take
+        if take is None:
+            if not self._voiced:
+                self._remember(chunk)
+                return []
+            take = self._take = _Take("vad", chunks=list(self._pre_roll),
+                                      samples=self._pre_samples)
+            self._pre_roll.clear()
+            self._pre_samples = 0
+        take.add(chunk)
+        if self._voiced:
+            take.speech += len(chunk)
+            take.silence_run = 0
+            take.voiced_until = take.samples
+            take.speech_end = now
+        else:
+            take.silence_run += len(chunk)
+        if not take.confirmed:
+            if take.silence_run >= self._s(min(cfg.pending_gap_s, cfg.silence_s)):
+                self._take = None  # a click or a cough: forget it, keep it as pre-roll
+                for piece in take.chunks:
+                    self._remember(piece)
+                return []
+            if take.speech >= self._s(cfg.min_speech_s):
+                take.confirmed = True
+                return [Onset("vad", now)]
+            return []
+        if take.silence_run >= self._s(cfg.silence_s):
+            return self._finish(now)
+        if take.samples >= self._s(cfg.max_utterance_s):
+            take.speech_end = now
+            return self._finish(now, reason="max_length")
+        return []
+
+    def _remember(self, chunk: np.ndarray) -> None:
+        limit = self._s(self.config.pre_roll_s)
+        if limit <= 0:
+            return
+        self._pre_roll.append(chunk)
+        self._pre_samples += len(chunk)
+        while len(self._pre_roll) > 1 and self._pre_samples - len(self._pre_roll[0]) >= limit:
+            self._pre_samples -= len(self._pre_roll.popleft())
+
+    def _finish(self, now: float, reason: str | None = None) -> list[Event]:
+        take = self._take
+        self._take = None
+        if take is None or not take.confirmed:
+            return []
+        limit = None
+        if take.reason == "vad" and reason is None:
+            limit = take.voiced_until + self._s(self.config.tail_s)
+        pcm = _to_pcm(take.chunks, limit)
+        if take.reason == "vad" and take.samples > take.voiced_until:
+            # the trailing silence is the freshest audio: it becomes the next pre-roll
+            tail = np.concatenate(take.chunks)[take.voiced_until:]
+            self._remember(tail[-max(1, self._s(self.config.pre_roll_s)):])
+        return [End(pcm, reason or take.reason, take.speech_end or now)]

@@ -1,0 +1,488 @@
+"""The media actor with a real WebRTC peer: a Python aiortc client on 127.0.0.1 plays the browser.
+
+Real processes: a broker and ``python -m actors.media``. The test sends the offer on the bus the
+way signaling would, speaks Piper speech into the call through a paced 48 kHz microphone track,
+sends a 320x240 camera, and listens to what the media actor plays back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from fractions import Fraction
+
+import aioice.ice
+import av
+import numpy as np
+import pytest
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCSessionDescription,
+    VideoStreamTrack,
+)
+from PIL import Image
+
+from bus.client import BusClient, Endpoints
+from bus.schema import (
+    CONTROL,
+    FRAME,
+    METRICS,
+    UTTERANCE,
+    Control,
+    ControlKind,
+    Frame,
+    Message,
+    Metric,
+    OpusPacket,
+    Utterance,
+)
+from rtc.outbound import OPUS_SILENCE, OpusTrack, Release
+from rtc.peer import keep_loopback_candidates, parse_ice_servers
+from rtc.vad import CHUNK, End, EndpointConfig, Endpointer, Onset
+from tests import harness
+from tests.speech import say
+
+RATE = 48_000
+PTIME = 960  # samples per 20 ms frame
+CAMERA = (320, 240)
+SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
+AUDIBLE_RMS = 300.0  # int16 RMS above which a received 20 ms frame is sound, not silence
+
+
+@pytest.fixture(autouse=True)
+def loopback_ice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our peer offers only 127.0.0.1 (aioice leaves loopback out; see shared/BROWSER.md)."""
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+
+
+# ----------------------------------------------------------------------------- the fake browser
+
+
+class Microphone(MediaStreamTrack):
+    """48 kHz mono s16 frames of whatever was queued with :meth:`speak`, else silence, in real time."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending = np.zeros(0, dtype=np.int16)
+        self._start: float | None = None
+        self._samples = 0
+        self.loop_audio: np.ndarray | None = None  # repeated while set (push-to-talk test)
+
+    def speak(self, pcm: np.ndarray) -> None:
+        self._pending = np.concatenate([self._pending, pcm])
+
+    def hush(self) -> None:
+        self.loop_audio = None
+        self._pending = np.zeros(0, dtype=np.int16)
+
+    async def recv(self) -> av.AudioFrame:
+        if self._start is None:
+            self._start = time.monotonic()
+        wait = self._start + self._samples / RATE - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if len(self._pending) < PTIME and self.loop_audio is not None:
+            self.speak(self.loop_audio)
+        chunk = np.zeros(PTIME, dtype=np.int16)
+        take = self._pending[:PTIME]
+        chunk[:len(take)] = take
+        self._pending = self._pending[PTIME:]
+        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = RATE
+        frame.pts = self._samples
+        frame.time_base = Fraction(1, RATE)
+        self._samples += PTIME
+        return frame
+
+
+class Camera(VideoStreamTrack):
+    """A 320x240 test picture."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        w, h = CAMERA
+        x = np.linspace(0, 255, w, dtype=np.uint8)
+        self._rgb = np.stack([np.tile(x, (h, 1)), np.full((h, w), 128, np.uint8),
+                              np.tile(x[::-1], (h, 1))], axis=2)
+
+    async def recv(self) -> av.VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        frame = av.VideoFrame.from_ndarray(self._rgb, format="rgb24").reformat(format="yuv420p")
+        frame.pts = pts
+        frame.time_base = time_base
+        return frame
+
+
+class BrowserPeer:
+    """An aiortc peer with a microphone and a camera that records what it hears."""
+
+    def __init__(self) -> None:
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.mic = Microphone()
+        self.pc.addTrack(self.mic)
+        self.pc.addTrack(Camera())
+        self.heard: list[tuple[float, float]] = []  # (monotonic arrival, int16 RMS) per frame
+
+    async def offer(self) -> str:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.pc.localDescription.sdp
+
+    async def accept(self, sdp: str) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+
+    async def listen(self) -> None:
+        track = next(t.receiver.track for t in self.pc.getTransceivers() if t.kind == "audio")
+        with contextlib.suppress(Exception):
+            while True:
+                frame = await track.recv()
+                pcm = frame.to_ndarray().astype(np.float32)
+                self.heard.append((time.monotonic(), float(np.sqrt(np.mean(pcm * pcm)))))
+
+    def audible_since(self, since: float) -> list[float]:
+        return [t for t, rms in self.heard if t >= since and rms > AUDIBLE_RMS]
+
+
+class BusLog:
+    """Every message of the test's bus client, kept, so a test can wait for any of them."""
+
+    def __init__(self, bus: BusClient) -> None:
+        self.bus = bus
+        self.messages: list[Message] = []
+        self._new = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            self.messages.append(await self.bus.recv())
+            self._new.set()
+
+    async def wait(self, predicate: Callable[[Message], bool], timeout: float = 15.0,
+                   after: int = 0) -> Message:
+        """The first matching message from index ``after`` on, waiting for it if need be."""
+        seen = after
+        async with asyncio.timeout(timeout):
+            while True:
+                for msg in self.messages[seen:]:
+                    if predicate(msg):
+                        return msg
+                seen = len(self.messages)
+                self._new.clear()
+                await self._new.wait()
+
+    def find(self, predicate: Callable[[Message], bool]) -> list[Message]:
+        return [m for m in self.messages if predicate(m)]
+
+
+def control(session: str, kind: str, **fields: object) -> Callable[[Message], bool]:
+    def match(m: Message) -> bool:
+        return (isinstance(m, Control) and m.session == session and m.kind == kind
+                and all(getattr(m, k) == v for k, v in fields.items()))
+    return match
+
+
+def of(cls: type[Message], session: str, **fields: object) -> Callable[[Message], bool]:
+    return lambda m: (isinstance(m, cls) and m.session == session
+                      and all(getattr(m, k) == v for k, v in fields.items()))
+
+
+class Call:
+    def __init__(self, bus: BusClient, log: BusLog, peer: BrowserPeer, session: str) -> None:
+        self.bus, self.log, self.peer, self.session = bus, log, peer, session
+
+
+@contextlib.asynccontextmanager
+async def call(endpoints: Endpoints, mode: str = "vad", session: str | None = None,
+               log: BusLog | None = None) -> AsyncIterator[Call]:
+    """Offer over the bus like signaling does, apply the answer, wait for ``connected``.
+
+    Without ``log`` the call has its own bus client; with one, the caller keeps it running.
+    """
+    session = session or f"s-{uuid.uuid4().hex[:8]}"
+    async with contextlib.AsyncExitStack() as stack:
+        tasks: list[asyncio.Task[None]] = []
+        tg = await stack.enter_async_context(asyncio.TaskGroup())
+        if log is None:
+            bus = await stack.enter_async_context(
+                harness.client(endpoints, [CONTROL, UTTERANCE, FRAME, METRICS]))
+            log = BusLog(bus)
+            tasks.append(tg.create_task(log.run()))
+        bus = log.bus
+        peer = BrowserPeer()
+        stack.push_async_callback(peer.pc.close)
+        try:
+            mark = len(log.messages)  # a log shared with an earlier call holds its answer
+            bus.publish(Control(session=session, kind=ControlKind.OFFER, sdp=await peer.offer(),
+                                sdp_type="offer", mode=mode))
+            answer = await log.wait(control(session, ControlKind.ANSWER), after=mark)
+            assert answer.sdp_type == "answer" and "a=candidate:" in answer.sdp
+            await peer.accept(answer.sdp)
+            tasks.append(tg.create_task(peer.listen()))
+            await log.wait(control(session, ControlKind.STATE, state="connected"), after=mark)
+            yield Call(bus, log, peer, session)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+# ----------------------------------------------------------------------------- audio helpers
+
+
+def spoken_seconds(pcm: np.ndarray, rate: int) -> float:
+    """Length of the part of ``pcm`` that is not near-silence."""
+    loud = np.nonzero(np.abs(pcm.astype(np.int32)) > 300)[0]
+    return (loud[-1] - loud[0]) / rate
+
+
+def opus_packets(pcm: np.ndarray) -> list[bytes]:
+    """48 kHz mono int16 -> 20 ms Opus packets (what the TTS actor publishes)."""
+    codec = av.CodecContext.create("libopus", "w")
+    codec.sample_rate = RATE
+    codec.layout = "mono"
+    codec.format = "s16"
+    codec.bit_rate = 48_000
+    codec.time_base = Fraction(1, RATE)
+    packets: list[bytes] = []
+    for i in range(len(pcm) // PTIME):
+        frame = av.AudioFrame.from_ndarray(pcm[i * PTIME:(i + 1) * PTIME].reshape(1, -1),
+                                           format="s16", layout="mono")
+        frame.sample_rate = RATE
+        frame.pts = i * PTIME
+        packets += [bytes(p) for p in codec.encode(frame)]
+    packets += [bytes(p) for p in codec.encode(None)]
+    return packets
+
+
+def tone(seconds: float, hz: float = 440.0) -> np.ndarray:
+    t = np.arange(int(seconds * RATE)) / RATE
+    return (np.sin(2 * np.pi * hz * t) * 8000).astype(np.int16)
+
+
+def publish_packets(bus: BusClient, session: str, turn: int, packets: list[bytes]) -> None:
+    for i, packet in enumerate(packets):
+        bus.publish(OpusPacket(session=session, turn=turn, packet=packet, index=i,
+                               final=i == len(packets) - 1))
+
+
+def segments(heard: list[tuple[float, float]]) -> list[tuple[int, int]]:
+    """Runs of audible frames as (first index, length)."""
+    runs: list[tuple[int, int]] = []
+    for i, (_, rms) in enumerate(heard):
+        if rms > AUDIBLE_RMS:
+            if runs and runs[-1][0] + runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((i, 1))
+    return runs
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+async def test_hands_free_utterance_and_frame(broker, actors):
+    await actors.start("media")
+    speech = say(SENTENCE, RATE)
+    async with call(broker, "vad") as c:
+        await c.log.wait(control(c.session, ControlKind.STATE, state="listening"))
+        c.peer.mic.speak(np.concatenate([np.zeros(RATE // 2, np.int16), speech]))
+        onset = await c.log.wait(control(c.session, ControlKind.INTERRUPT))
+        utterance = await c.log.wait(of(Utterance, c.session), timeout=20)
+        frame = await c.log.wait(of(Frame, c.session))
+        metric = await c.log.wait(of(Metric, c.session, stage="speech_end"))
+    assert onset.turn == 1 and utterance.turn == 1 and frame.turn == 1 and metric.turn == 1
+    assert utterance.reason == "vad" and utterance.sample_rate == 16_000
+    spoken = spoken_seconds(speech, RATE)
+    assert abs(utterance.duration - spoken) <= 0.2 * spoken, (utterance.duration, spoken)
+    pcm = np.frombuffer(utterance.pcm, dtype="<i2").astype(np.float32)
+    assert np.sqrt(np.mean(pcm * pcm)) > 300  # speech, not silence
+    assert utterance.ts >= utterance.speech_end > onset.ts - 5
+    assert metric.at == utterance.speech_end
+    image = Image.open(io.BytesIO(frame.jpeg))
+    assert image.format == "JPEG" and image.size == CAMERA == (frame.width, frame.height)
+    red, green, blue = image.convert("RGB").getpixel((300, 120))  # YUV -> RGB done right
+    assert red > 200 and 100 < green < 160 and blue < 50, (red, green, blue)
+    states = [m.state for m in c.log.find(control(c.session, ControlKind.STATE))]
+    assert "listening" in states[states.index("user_speaking") + 1:], states
+
+
+async def test_push_to_talk_utterance_lasts_as_long_as_the_press_then_mode_switch(broker, actors):
+    await actors.start("media")
+    speech = say(SENTENCE, RATE)
+    async with call(broker, "ptt") as c:
+        c.peer.mic.loop_audio = speech  # talking all the time
+        await asyncio.sleep(1.5)
+        assert not c.log.find(of(Utterance, c.session))  # speech alone starts nothing in ptt
+        assert not c.log.find(control(c.session, ControlKind.INTERRUPT))
+        pressed = time.monotonic()
+        c.bus.publish(Control(session=c.session, kind=ControlKind.TALK_START))
+        await c.log.wait(control(c.session, ControlKind.INTERRUPT, turn=1))
+        await asyncio.sleep(2.5 - (time.monotonic() - pressed))
+        c.bus.publish(Control(session=c.session, kind=ControlKind.TALK_STOP))
+        held = time.monotonic() - pressed
+        utterance = await c.log.wait(of(Utterance, c.session))
+        frame = await c.log.wait(of(Frame, c.session))
+        assert utterance.reason == "ptt" and utterance.turn == frame.turn == 1
+        assert abs(utterance.duration - held) <= 0.2 * held, (utterance.duration, held)
+        assert (frame.width, frame.height) == CAMERA
+        # hands-free from now on: speech alone makes the next turn
+        c.peer.mic.hush()
+        await asyncio.sleep(0.5)
+        c.bus.publish(Control(session=c.session, kind=ControlKind.MODE, mode="vad"))
+        await asyncio.sleep(0.3)
+        c.peer.mic.speak(speech)
+        second = await c.log.wait(of(Utterance, c.session, turn=2), timeout=20)
+    assert second.reason == "vad"
+
+
+async def test_packets_are_heard_with_silence_between(broker, actors):
+    await actors.start("media")
+    packets = opus_packets(tone(1.0))
+    async with call(broker) as c:
+        await asyncio.sleep(0.5)
+        publish_packets(c.bus, c.session, 0, packets)
+        await c.log.wait(control(c.session, ControlKind.STATE, state="assistant_done", turn=0))
+        await asyncio.sleep(0.8)
+        publish_packets(c.bus, c.session, 1, packets)
+        await c.log.wait(control(c.session, ControlKind.STATE, state="assistant_done", turn=1))
+        await asyncio.sleep(0.5)
+        heard = list(c.peer.heard)
+    runs = segments(heard)
+    assert len(runs) == 2, runs
+    (first, n1), (second, n2) = runs
+    assert first > 10  # silence frames arrived before the reply
+    assert abs(n1 - len(packets)) <= 3 and abs(n2 - len(packets)) <= 3
+    assert second - (first + n1) > 20  # silence kept flowing between the two replies
+    for turn in (0, 1):
+        assert c.log.find(of(Metric, c.session, stage="first_sent", turn=turn))
+        assert c.log.find(control(c.session, ControlKind.STATE, state="assistant_speaking",
+                                  turn=turn))
+
+
+async def test_interrupt_stops_queued_audio_at_once(broker, actors):
+    await actors.start("media")
+    packets = opus_packets(tone(3.0))
+    async with call(broker) as c:
+        await asyncio.sleep(0.3)
+        sent = time.monotonic()
+        publish_packets(c.bus, c.session, 0, packets)
+        while len(c.peer.audible_since(sent)) < 25:  # half a second of the reply heard
+            await asyncio.sleep(0.01)
+        delay = c.peer.audible_since(sent)[0] - sent  # bus + pacing + network + jitter buffer
+        interrupted = time.monotonic()
+        c.bus.publish(Control(session=c.session, turn=1, kind=ControlKind.INTERRUPT))
+        await c.log.wait(control(c.session, ControlKind.STATE, state="assistant_done",
+                                 text="interrupted"))
+        publish_packets(c.bus, c.session, 0, packets[:50])  # a stale turn: never played
+        await asyncio.sleep(1.0)
+        audible = c.peer.audible_since(sent)
+    after = [t for t in audible if t > interrupted]
+    stopped_after = (after[-1] if after else interrupted) - interrupted - delay
+    print(f"delivery {delay * 1000:.0f} ms; audio stopped {stopped_after * 1000:.0f} ms "
+          f"after the interrupt (net of delivery); {len(audible)} of {len(packets)} frames heard")
+    assert len(audible) < len(packets) // 2
+    assert stopped_after < 0.1
+
+
+async def test_session_end_frees_the_call_and_bad_offers_are_refused(broker, actors):
+    await actors.start("media")
+    session = f"s-{uuid.uuid4().hex[:8]}"
+    async with harness.client(broker, [CONTROL, METRICS]) as bus, asyncio.TaskGroup() as tg:
+        log = BusLog(bus)
+        collector = tg.create_task(log.run())
+        bus.publish(Control(session=session, kind=ControlKind.OFFER, sdp="v=0\r\nnonsense",
+                            sdp_type="offer"))
+        error = await log.wait(control(session, ControlKind.ERROR))
+        assert "offer" in error.text and error.actor == "media"
+        async with call(broker, session=session, log=log):
+            mark = len(log.messages)
+            bus.publish(Control(session=session, kind=ControlKind.SESSION_END))
+            closed = await log.wait(control(session, ControlKind.STATE, state="closed"),
+                                    after=mark)
+            assert closed.actor == "media"
+        # the session's state is gone: a new offer for the same session starts a fresh call
+        async with call(broker, session=session, log=log) as c2:
+            publish_packets(bus, session, 0, opus_packets(tone(0.4)))
+            await log.wait(control(session, ControlKind.STATE, state="assistant_done"))
+            await asyncio.sleep(0.3)
+            assert len(segments(c2.peer.heard)) == 1
+        collector.cancel()
+
+
+# ----------------------------------------------------------------------------- pieces, in-process
+
+
+def test_ice_servers_are_parsed_and_checked():
+    servers = parse_ice_servers("stun:stun.example.org:3478, turn:ann:s3cret@turn.example.org:443"
+                                "?transport=tcp")
+    assert [s.urls for s in servers] == ["stun:stun.example.org:3478",
+                                         "turn:turn.example.org:443?transport=tcp"]
+    assert (servers[1].username, servers[1].credential) == ("ann", "s3cret")
+    assert parse_ice_servers("") == []
+    for bad in ("http://x", "turn:turn.example.org", "stun:host:port"):
+        with pytest.raises(ValueError):
+            parse_ice_servers(bad)
+
+
+def test_offer_keeps_only_loopback_candidates_when_it_has_some():
+    sdp = ("v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+           "a=candidate:1 1 udp 2122260223 192.0.2.7 50000 typ host\r\n"
+           "a=candidate:2 1 udp 2122194687 127.0.0.1 50001 typ host\r\n"
+           "a=end-of-candidates\r\n")
+    kept = keep_loopback_candidates(sdp)
+    assert "127.0.0.1 50001" in kept and "192.0.2.7" not in kept and "a=end-of-candidates" in kept
+    remote_only = sdp.replace("127.0.0.1", "198.51.100.3")
+    assert keep_loopback_candidates(remote_only) == remote_only
+
+
+async def test_outbound_track_flushes_drops_stale_turns_and_never_bursts():
+    releases: list[Release] = []
+    turns: list[tuple[str, int]] = []
+    track = OpusTrack(on_turn=lambda event, turn: turns.append((event, turn)),
+                      on_release=releases.append)
+    for i in range(3):
+        assert track.push(1, b"\x01" * 40, final=i == 2)
+    got = [await track.recv() for _ in range(4)]
+    assert [bytes(p) for p in got] == [b"\x01" * 40] * 3 + [OPUS_SILENCE]
+    assert [p.pts for p in got] == [0, 960, 1920, 2880] and got[0].time_base == Fraction(1, RATE)
+    assert turns == [("start", 1), ("done", 1)]
+    track.push(2, b"\x02" * 40)
+    track.push(2, b"\x02" * 40)
+    assert track.flush(3) and track.queued == 0  # barge-in: queued speech gone at once
+    assert not track.push(2, b"\x02" * 40)  # a stale turn
+    time.sleep(0.1)  # the process is starved for five packet times
+    late, following = await track.recv(), await track.recv()
+    assert bytes(late) == bytes(following) == OPUS_SILENCE
+    assert releases[-2].at - releases[-2].due > 0.08 and track.forgiven == 1
+    # the slot after a late packet is a full packet time after it: no burst to catch up
+    assert releases[-1].due == pytest.approx(releases[-2].at + 0.02)
+
+
+def test_endpointer_onset_end_pre_roll_and_max_length():
+    cfg = EndpointConfig(threshold=0.5, silence_s=0.5, min_speech_s=0.25, max_utterance_s=3.0,
+                         pre_roll_s=0.3, tail_s=0.1)
+    ep = Endpointer(cfg)
+    chunk = np.full(CHUNK, 0.1, dtype=np.float32)
+    step = CHUNK / cfg.rate  # 32 ms
+    events: list[tuple[int, object]] = []
+    probs = [0.0] * 20 + [0.9] * 40 + [0.1] * 30  # 0.64 s silence, 1.28 s speech, 0.96 s silence
+    for i, p in enumerate(probs):
+        events += [(i, e) for e in ep.feed(chunk, p, now=i * step)]
+    (i_on, onset), (i_end, end) = events
+    assert isinstance(onset, Onset) and i_on == 20 + 7  # 8 voiced chunks >= 250 ms
+    assert isinstance(end, End) and end.reason == "vad"
+    assert i_end == 59 + 16  # 16 silent chunks >= 500 ms after the last voiced one
+    assert end.speech_end == pytest.approx(59 * step)
+    pre_roll = 10 * CHUNK  # whole chunks just over 0.3 s
+    assert len(end.pcm) // 2 == pre_roll + 40 * CHUNK + int(0.1 * cfg.rate)
+    # a click shorter than --min-speech-ms starts nothing
+    assert not any(ep.feed(chunk, p, now=0.0) for p in [0.9, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    # speech that never pauses is cut at --max-utterance-s
+    cut = [e for _ in range(200) for e in ep.feed(chunk, 0.9, now=0.0) if isinstance(e, End)]
+    assert cut and cut[0].reason == "max_length"
+    assert len(cut[0].pcm) // 2 == pytest.approx(3.0 * cfg.rate, abs=CHUNK)
