@@ -45,7 +45,7 @@ from rtc.peer import (
     parse_ice_servers,
 )
 from rtc.snapshot import LatestFrame, encode_jpeg
-from rtc.vad import End, EndpointConfig, Event, Onset, SileroVad
+from rtc.vad import Confirm, End, EndpointConfig, Event, Onset, Resume, SileroVad
 
 MODES = ("vad", "ptt")
 TICK_S = 0.1  # without microphone audio, the listener still sees time pass (push-to-talk tail)
@@ -101,6 +101,7 @@ class MediaActor(Actor):
                                "--min-speech-ms not negative")
         self._endpoint = EndpointConfig(
             threshold=s.vad_threshold, silence_s=s.vad_silence_ms / 1000,
+            early_s=s.vad_early_ms / 1000,
             min_speech_s=s.min_speech_ms / 1000, max_utterance_s=s.max_utterance_s)
         if s.ice_loopback:
             offer_loopback_candidates()
@@ -302,32 +303,48 @@ class MediaActor(Actor):
 
     def _speech_event(self, call: Call, event: Event) -> None:
         session = call.session
-        if isinstance(event, Onset):
-            turn = self.turns.current(session) + 1
-            self.turns.advance(session, turn)
-            call.user_turn = turn
-            cut = call.track.flush(turn)
-            self.publish(Control(session=session, turn=turn, kind=ControlKind.INTERRUPT,
-                                 actor=self.name, instance=self.bus.instance))
-            if cut:
-                self._state(call, "assistant_done", "interrupted")
+        if isinstance(event, Onset | Resume):
+            turn = self._new_turn(call)
+            if isinstance(event, Resume):  # the early-ended turn is void: its reply is dropped
+                self.log.info("speech_resumed", session=session, turn=turn)
+                return
             self._state(call, "user_speaking")
             self.log.info("speech_start", session=session, turn=turn, reason=event.reason)
+        elif isinstance(event, Confirm):
+            call.track.release(call.user_turn)
+            self._state(call, "listening")
+            self.log.info("speech_end_confirmed", session=session, turn=call.user_turn)
         elif isinstance(event, End):
             # a page interrupt during the speech moved the turn on: the utterance belongs to it
             turn = max(call.user_turn, self.turns.current(session))
             now = time.time()
             utterance = Utterance(session=session, turn=turn, pcm=event.pcm, reason=event.reason,
                                   speech_end=event.speech_end)
+            if event.early:
+                call.track.hold(turn)  # answer now, play once the silence is confirmed
             self.publish(utterance)
             self.publish(Metric(session=session, turn=turn, stage="speech_end",
                                 at=event.speech_end, ms=(now - event.speech_end) * 1000))
-            self._state(call, "listening")
+            if not event.early:
+                self._state(call, "listening")
             self.log.info("utterance", session=session, turn=turn, reason=event.reason,
-                          s=round(utterance.duration, 2))
+                          s=round(utterance.duration, 2), early=event.early)
             frame = call.video.frame
             if frame is not None and call.tg is not None:
                 self._spawn(call, call.tg, self._snapshot(call, turn, frame))
+
+    def _new_turn(self, call: Call) -> int:
+        """Start the session's next turn: everything older is interrupted everywhere."""
+        session = call.session
+        turn = self.turns.current(session) + 1
+        self.turns.advance(session, turn)
+        call.user_turn = turn
+        cut = call.track.flush(turn)
+        self.publish(Control(session=session, turn=turn, kind=ControlKind.INTERRUPT,
+                             actor=self.name, instance=self.bus.instance))
+        if cut:
+            self._state(call, "assistant_done", "interrupted")
+        return turn
 
     async def _snapshot(self, call: Call, turn: int, frame: av.VideoFrame) -> None:
         started = time.perf_counter()

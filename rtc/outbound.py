@@ -66,6 +66,7 @@ class OpusTrack(MediaStreamTrack):
         self._on_turn = on_turn
         self._on_release = on_release
         self._min_turn = 0  # packets of older turns are stale
+        self._held: int | None = None  # a turn queued but not played yet (early end of speech)
         self._playing: int | None = None  # turn whose packets are going out
         self._t0: float | None = None
         self._sent_samples = 0  # schedule position since t0
@@ -96,6 +97,14 @@ class OpusTrack(MediaStreamTrack):
         if cut:
             self._playing = None
         return cut or len(self._queue) < before
+
+    def hold(self, turn: int) -> None:
+        """Queue ``turn``'s packets without playing them until :meth:`release`."""
+        self._held = turn
+
+    def release(self, turn: int) -> None:
+        if self._held == turn:
+            self._held = None
 
     @property
     def queued(self) -> int:
@@ -138,6 +147,8 @@ class OpusTrack(MediaStreamTrack):
 
     def _next(self) -> Queued | None:
         while self._queue:
+            if self._queue[0].turn == self._held:
+                return None  # its turn is not confirmed yet: keep it, send silence
             item = self._queue.popleft()
             if item.turn >= self._min_turn:
                 return item

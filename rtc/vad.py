@@ -88,20 +88,42 @@ class Onset:
 
 @dataclass(frozen=True, slots=True)
 class End:
-    """The user's turn is over: its audio, as 16 kHz s16le mono."""
+    """The user's turn is over: its audio, as 16 kHz s16le mono.
+
+    ``early`` ends a hands-free turn after a short silence, before the full ``silence_s``: the
+    utterance can be transcribed and answered while the silence is still being confirmed. The
+    turn then ends with either :class:`Confirm` (the silence lasted) or :class:`Resume` (the user
+    went on speaking: the early turn is void and the take goes on as a new turn).
+    """
 
     pcm: bytes
     reason: str  # vad | ptt | max_length
     speech_end: float  # wall clock of the end of the last speech
+    early: bool = False
 
 
-Event = Onset | End
+@dataclass(frozen=True, slots=True)
+class Confirm:
+    """The silence after an early :class:`End` lasted: that turn really is over."""
+
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Speech came back after an early :class:`End`: that turn is void, the take continues."""
+
+    at: float
+
+
+Event = Onset | End | Confirm | Resume
 
 
 @dataclass(frozen=True, slots=True)
 class EndpointConfig:
     threshold: float = 0.5
     silence_s: float = 0.5  # hands-free: silence that ends a turn
+    early_s: float = 0.2  # hands-free: silence after which the turn ends early (0: never)
     min_speech_s: float = 0.25  # hands-free: speech needed before a turn starts
     max_utterance_s: float = 30.0
     pre_roll_s: float = 0.3  # audio kept from before the onset (speech starts softly)
@@ -128,6 +150,7 @@ class _Take:
     voiced_until: int = 0  # sample position right after the last voiced chunk
     speech_end: float = 0.0
     confirmed: bool = False
+    early_sent: bool = False  # an early End went out and is neither confirmed nor resumed
     stop_after: int | None = None  # push-to-talk released: samples still to take
     stop_at: float = 0.0
 
@@ -232,11 +255,15 @@ class Endpointer:
             self._pre_roll.clear()
             self._pre_samples = 0
         take.add(chunk)
+        events: list[Event] = []
         if self._voiced:
             take.speech += len(chunk)
             take.silence_run = 0
             take.voiced_until = take.samples
             take.speech_end = now
+            if take.early_sent:
+                take.early_sent = False
+                events.append(Resume(now))
         else:
             take.silence_run += len(chunk)
         if not take.confirmed:
@@ -250,11 +277,16 @@ class Endpointer:
                 return [Onset("vad", now)]
             return []
         if take.silence_run >= self._s(cfg.silence_s):
-            return self._finish(now)
+            return events + self._finish(now)
         if take.samples >= self._s(cfg.max_utterance_s):
             take.speech_end = now
-            return self._finish(now, reason="max_length")
-        return []
+            return events + self._finish(now, reason="max_length")
+        if (0 < cfg.early_s < cfg.silence_s and not take.early_sent
+                and take.silence_run >= self._s(cfg.early_s)):
+            take.early_sent = True
+            limit = take.voiced_until + self._s(cfg.tail_s)
+            events.append(End(_to_pcm(take.chunks, limit), "vad", take.speech_end, early=True))
+        return events
 
     def _remember(self, chunk: np.ndarray) -> None:
         limit = self._s(self.config.pre_roll_s)
@@ -270,12 +302,18 @@ class Endpointer:
         self._take = None
         if take is None or not take.confirmed:
             return []
+        if take.early_sent:  # its utterance is out already; the audio since is silence
+            self._keep_tail(take)
+            return [Confirm(now)]
         limit = None
         if take.reason == "vad" and reason is None:
             limit = take.voiced_until + self._s(self.config.tail_s)
         pcm = _to_pcm(take.chunks, limit)
+        self._keep_tail(take)
+        return [End(pcm, reason or take.reason, take.speech_end or now)]
+
+    def _keep_tail(self, take: _Take) -> None:
+        """The trailing silence is the freshest audio: it becomes the next pre-roll."""
         if take.reason == "vad" and take.samples > take.voiced_until:
-            # the trailing silence is the freshest audio: it becomes the next pre-roll
             tail = np.concatenate(take.chunks)[take.voiced_until:]
             self._remember(tail[-max(1, self._s(self.config.pre_roll_s)):])
-        return [End(pcm, reason or take.reason, take.speech_end or now)]

@@ -295,6 +295,10 @@ async def test_hands_free_utterance_and_frame(broker, actors):
         utterance = await c.log.wait(of(Utterance, c.session), timeout=20)
         frame = await c.log.wait(of(Frame, c.session))
         metric = await c.log.wait(of(Metric, c.session, stage="speech_end"))
+        # the utterance leaves at an early end of speech; "listening" follows once confirmed
+        speaking = c.log.messages.index(
+            await c.log.wait(control(c.session, ControlKind.STATE, state="user_speaking")))
+        await c.log.wait(control(c.session, ControlKind.STATE, state="listening"), after=speaking)
     assert onset.turn == 1 and utterance.turn == 1 and frame.turn == 1 and metric.turn == 1
     assert utterance.reason == "vad" and utterance.sample_rate == 16_000
     spoken = spoken_seconds(speech, RATE)
@@ -465,7 +469,7 @@ async def test_outbound_track_flushes_drops_stale_turns_and_never_bursts():
 
 def test_endpointer_onset_end_pre_roll_and_max_length():
     cfg = EndpointConfig(threshold=0.5, silence_s=0.5, min_speech_s=0.25, max_utterance_s=3.0,
-                         pre_roll_s=0.3, tail_s=0.1)
+                         pre_roll_s=0.3, tail_s=0.1, early_s=0.0)
     ep = Endpointer(cfg)
     chunk = np.full(CHUNK, 0.1, dtype=np.float32)
     step = CHUNK / cfg.rate  # 32 ms
@@ -486,3 +490,28 @@ def test_endpointer_onset_end_pre_roll_and_max_length():
     cut = [e for _ in range(200) for e in ep.feed(chunk, 0.9, now=0.0) if isinstance(e, End)]
     assert cut and cut[0].reason == "max_length"
     assert len(cut[0].pcm) // 2 == pytest.approx(3.0 * cfg.rate, abs=CHUNK)
+
+
+def test_endpointer_early_end_is_confirmed_or_resumed():
+    cfg = EndpointConfig(threshold=0.5, silence_s=0.5, min_speech_s=0.25, early_s=0.2,
+                         pre_roll_s=0.0, tail_s=0.1)
+    chunk = np.full(CHUNK, 0.1, dtype=np.float32)
+
+    def run(probs: list[float]) -> list[tuple[int, object]]:
+        ep = Endpointer(cfg)
+        return [(i, e) for i, p in enumerate(probs) for e in ep.feed(chunk, p, now=float(i))]
+
+    # a pause long enough: early End after 7 silent chunks (224 ms), Confirm after 16 (512 ms)
+    events = run([0.9] * 20 + [0.1] * 20)
+    kinds = [type(e).__name__ for _, e in events]
+    assert kinds == ["Onset", "End", "Confirm"], kinds
+    (_, _), (i_early, early), (i_confirm, _) = events
+    assert early.early and i_early == 19 + 7 and i_confirm == 19 + 16
+    assert len(early.pcm) // 2 == 20 * CHUNK + int(0.1 * cfg.rate)
+    # the user goes on after 300 ms: the early turn is void (Resume) and the take continues;
+    # its final End holds all the speech, before and after the pause
+    events = run([0.9] * 20 + [0.1] * 9 + [0.9] * 20 + [0.1] * 20)
+    kinds = [type(e).__name__ for _, e in events]
+    assert kinds == ["Onset", "End", "Resume", "End", "Confirm"], kinds
+    final = events[3][1]
+    assert final.early and len(final.pcm) // 2 == 49 * CHUNK + int(0.1 * cfg.rate)

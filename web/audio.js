@@ -1,0 +1,78 @@
+// WebAudio for measuring, never for playing: the mic level and the assistant's sound onsets.
+//
+// The remote stream is played by an <audio> element (WebAudio only receives a remote WebRTC
+// stream when one is attached); a copy goes to the onset worklet, whose output is silent.
+// Worklet times are AudioContext times; `wallMs` turns them into page wall-clock milliseconds.
+
+export class AudioMeter extends EventTarget {
+  constructor() {
+    super();
+    this.ctx = new AudioContext({ latencyHint: "interactive" });
+    this.ready = this.ctx.audioWorklet.addModule(new URL("./onset-worklet.js", import.meta.url));
+    this.micAnalyser = null;
+    this.micSource = null;
+    this.remoteSource = null;
+    this.detector = null;
+    this.offsetMs = Infinity; // page wall-clock ms minus context ms (smallest seen)
+    this.buffer = null;
+    this.#calibrate();
+    this.calibrateTimer = setInterval(() => this.#calibrate(), 1000);
+  }
+
+  /** Browsers start an AudioContext suspended until a user gesture, except in tests. */
+  resume() {
+    if (this.ctx.state === "suspended") this.ctx.resume().catch(() => {});
+  }
+
+  /** Page wall-clock milliseconds of a context time in seconds. */
+  wallMs(contextTime) {
+    return contextTime * 1000 + this.offsetMs;
+  }
+
+  #calibrate() {
+    // currentTime steps once per render quantum and lags real time; the smallest offset is best.
+    if (this.ctx.state !== "running") return;
+    const offset = performance.timeOrigin + performance.now() - this.ctx.currentTime * 1000;
+    if (offset < this.offsetMs || offset - this.offsetMs > 50) this.offsetMs = offset;
+  }
+
+  setMic(track) {
+    if (this.micSource) this.micSource.disconnect();
+    this.micSource = this.ctx.createMediaStreamSource(new MediaStream([track]));
+    this.micAnalyser = this.ctx.createAnalyser();
+    this.micAnalyser.fftSize = 1024;
+    this.buffer = new Float32Array(this.micAnalyser.fftSize);
+    this.micSource.connect(this.micAnalyser);
+  }
+
+  /** Mic RMS level now, 0..1. */
+  micLevel() {
+    if (!this.micAnalyser) return 0;
+    this.micAnalyser.getFloatTimeDomainData(this.buffer);
+    let sum = 0;
+    for (const v of this.buffer) sum += v * v;
+    return Math.sqrt(sum / this.buffer.length);
+  }
+
+  async setRemote(stream) {
+    await this.ready;
+    if (this.remoteSource) this.remoteSource.disconnect();
+    if (!this.detector) {
+      this.detector = new AudioWorkletNode(this.ctx, "onset-detector", {
+        numberOfInputs: 1,
+        numberOfOutputs: 1,
+        outputChannelCount: [1],
+        processorOptions: { threshold: 0.003, gapMs: 250 },
+      });
+      this.detector.connect(this.ctx.destination); // pulls the graph; the output is silent
+      this.detector.port.onmessage = (ev) => {
+        const d = ev.data;
+        this.dispatchEvent(new CustomEvent(d.type, {
+          detail: { ...d, at: this.wallMs(d.time) },
+        }));
+      };
+    }
+    this.remoteSource = this.ctx.createMediaStreamSource(stream);
+    this.remoteSource.connect(this.detector);
+  }
+}

@@ -1,0 +1,180 @@
+// The conversation: one entry per turn (what the user said, the reply as it streams, its timing).
+//
+// Stage times arrive as metrics in the server's wall clock; `clockOffsetMs` (server minus page)
+// converts them. Voice-to-voice is the first audible reply sample heard on this page minus the
+// end of the user's speech.
+
+export const STAGES = [
+  ["transcript", "words"],
+  ["first_token", "first token"],
+  ["first_sentence", "first sentence"],
+  ["first_packet", "first audio"],
+  ["first_sent", "sent"],
+];
+
+export class Conversation {
+  constructor(listEl, emptyEl) {
+    this.listEl = listEl;
+    this.emptyEl = emptyEl;
+    this.turns = new Map(); // turn number -> entry
+    this.latest = 0;
+    this.clockOffsetMs = 0;
+  }
+
+  entry(turn) {
+    let t = this.turns.get(turn);
+    if (!t) {
+      t = {
+        turn, user: "", assistant: "", tokens: new Set(), sentences: new Map(),
+        speechEnd: null, stages: {}, onset: null, v2v: null, done: false,
+        interrupted: false, noSpeech: false, el: null,
+      };
+      this.turns.set(turn, t);
+      this.latest = Math.max(this.latest, turn);
+    }
+    return t;
+  }
+
+  /** A server event for the conversation; returns the entry it touched, if any. */
+  apply(msg) {
+    if (!Number.isInteger(msg.turn) || msg.turn <= 0) return null;
+    const t = this.entry(msg.turn);
+    switch (msg.type) {
+      case "interrupt":
+        for (const [n, old] of this.turns) {
+          if (n < msg.turn && old.assistant && !old.done) {
+            old.interrupted = true;
+            this.render(old);
+          }
+        }
+        return t;
+      case "transcript":
+        t.user = msg.text;
+        break;
+      case "token":
+        if (t.tokens.has(msg.index)) return t;
+        t.tokens.add(msg.index);
+        t.assistant += msg.text;
+        break;
+      case "sentence":
+        t.sentences.set(msg.index, msg.text);
+        if (t.tokens.size === 0) {
+          t.assistant = [...t.sentences.entries()].sort((a, b) => a[0] - b[0])
+            .map(([, s]) => s).filter(Boolean).join(" ");
+        }
+        if (msg.final) t.done = true;
+        break;
+      case "metric":
+        if (msg.stage === "speech_end") t.speechEnd = msg.at * 1000;
+        else t.stages[msg.stage] = msg;
+        break;
+      case "state":
+        if (msg.state === "no_speech") t.noSpeech = true;
+        break;
+      default:
+        return null;
+    }
+    this.render(t);
+    return t;
+  }
+
+  /** The reply's first audible sample at `atMs` (page wall clock): the latest waiting turn's. */
+  heard(atMs) {
+    for (let n = this.latest; n > 0; n--) {
+      const t = this.turns.get(n);
+      if (!t || t.speechEnd === null) continue;
+      if (t.onset !== null) return null; // the latest answered turn is already timed
+      const speechEndPage = t.speechEnd - this.clockOffsetMs;
+      if (atMs < speechEndPage) return null;
+      t.onset = atMs;
+      t.v2v = atMs - speechEndPage;
+      this.render(t);
+      return t;
+    }
+    return null;
+  }
+
+  /** Rows for the latency card: each stage, then the first sound heard, from speech end. */
+  waterfall(t) {
+    const rows = this.breakdown(t);
+    if (t.v2v !== null) rows.push({ stage: "heard", label: "heard", ms: t.v2v });
+    return rows;
+  }
+
+  /** Milliseconds from the end of speech to each stage, server clock on both sides. */
+  breakdown(t) {
+    const out = [];
+    if (t.speechEnd === null) return out;
+    for (const [stage, label] of STAGES) {
+      const m = t.stages[stage];
+      if (m) out.push({ stage, label, ms: m.at * 1000 - t.speechEnd });
+    }
+    return out;
+  }
+
+  render(t) {
+    const waiting = t.speechEnd !== null && !t.noSpeech && !t.user;
+    const visible = t.user || t.assistant || waiting;
+    if (!visible) {
+      if (t.el) t.el.hidden = true;
+      return;
+    }
+    if (!t.el) t.el = this.#create(t);
+    t.el.hidden = false;
+    const [user, reply, timing] = [".user .text", ".assistant .text", ".timing"]
+      .map((sel) => t.el.querySelector(sel));
+    user.textContent = t.user || (waiting ? "…" : "");
+    user.parentElement.hidden = !t.user && !waiting;
+    user.parentElement.classList.toggle("pending", !t.user);
+    reply.textContent = t.assistant;
+    const bubble = reply.parentElement;
+    bubble.hidden = !t.assistant;
+    bubble.setAttribute("aria-busy", String(!t.done && !t.interrupted));
+    bubble.classList.toggle("interrupted", t.interrupted);
+    bubble.classList.toggle("streaming", !t.done && !t.interrupted);
+    timing.replaceChildren(...this.#timing(t));
+    timing.hidden = timing.childElementCount === 0;
+    this.emptyEl.hidden = true;
+    const log = this.listEl.parentElement;
+    if (log.scrollHeight - log.scrollTop - log.clientHeight < 160) log.scrollTop = log.scrollHeight;
+  }
+
+  #create(t) {
+    const el = document.createElement("li");
+    el.className = "turn";
+    el.dataset.turn = t.turn;
+    el.innerHTML = `
+      <div class="bubble user"><span class="who">You</span><p class="text"></p></div>
+      <div class="bubble assistant"><span class="who">Parley</span><p class="text"></p></div>
+      <div class="timing"></div>`;
+    // Keep turns in order even if a later one shows first.
+    const after = [...this.listEl.children].find((li) => Number(li.dataset.turn) > t.turn);
+    this.listEl.insertBefore(el, after || null);
+    return el;
+  }
+
+  #timing(t) {
+    const parts = [];
+    if (t.v2v !== null) {
+      const v = document.createElement("span");
+      v.className = "v2v";
+      v.title = "voice to voice: end of your speech to the first sound of the reply";
+      v.textContent = `${Math.round(t.v2v)} ms`;
+      parts.push(v);
+    }
+    for (const { label, ms } of this.breakdown(t)) {
+      const s = document.createElement("span");
+      s.className = "t-stage";
+      s.textContent = `${label} ${Math.round(ms)}`;
+      parts.push(s);
+    }
+    return parts;
+  }
+
+  clear() {
+    this.turns.clear();
+    this.latest = 0;
+    this.listEl.replaceChildren();
+    this.emptyEl.hidden = false;
+  }
+}
