@@ -38,7 +38,8 @@ const call = new Call({ url: wsUrl, mode: initialMode, loopbackOnly: params.get(
 // Everything a test or benchmark reads. Times are page wall-clock milliseconds.
 const parley = {
   state: "idle", stateText: "", session: null, mode: initialMode, call, meter, conversation,
-  turns: conversation.turns, onsets: [], offsets: [], errors: [], events: [], interrupts: [],
+  turns: conversation.turns, onsets: [], offsets: [], micOnsets: [], micOffsets: [],
+  errors: [], events: [], interrupts: [],
   states: [], sessions: [], remoteLoud: false, assistantState: "",
   mic: { level: 0, firstLoudAt: null, lastLoudAt: null },
   talking: false, sharing: false, local: null,
@@ -180,6 +181,8 @@ meter.addEventListener("onset", (ev) => {
   updateLatency();
 });
 meter.addEventListener("offset", (ev) => parley.offsets.push({ at: ev.detail.at }));
+meter.addEventListener("mic-onset", (ev) => parley.micOnsets.push({ at: ev.detail.at }));
+meter.addEventListener("mic-offset", (ev) => parley.micOffsets.push({ at: ev.detail.at }));
 meter.addEventListener("level", (ev) => {
   parley.remoteLoud = ev.detail.loud;
   parley.remoteLevel = ev.detail.rms;

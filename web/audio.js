@@ -43,6 +43,34 @@ export class AudioMeter extends EventTarget {
     this.micAnalyser.fftSize = 1024;
     this.buffer = new Float32Array(this.micAnalyser.fftSize);
     this.micSource.connect(this.micAnalyser);
+    this.#detectMic().catch((err) => console.warn("mic onset detector unavailable", err));
+  }
+
+  /** Sample-exact start and end of the user's sound in the mic signal ("mic-onset"/"mic-offset"):
+   * where voice-to-voice latency starts, measured on the same clock as the reply's onset. */
+  async #detectMic() {
+    await this.ready;
+    if (!this.micDetector) {
+      this.micDetector = this.#detector("mic-");
+    }
+    this.micSource.connect(this.micDetector);
+  }
+
+  #detector(prefix) {
+    const node = new AudioWorkletNode(this.ctx, "onset-detector", {
+      numberOfInputs: 1,
+      numberOfOutputs: 1,
+      outputChannelCount: [1],
+      processorOptions: { threshold: 0.003, gapMs: 250 },
+    });
+    node.connect(this.ctx.destination); // pulls the graph; the output is silent
+    node.port.onmessage = (ev) => {
+      const d = ev.data;
+      this.dispatchEvent(new CustomEvent(prefix + d.type, {
+        detail: { ...d, at: this.wallMs(d.time) },
+      }));
+    };
+    return node;
   }
 
   /** Mic RMS level now, 0..1. */
@@ -58,19 +86,7 @@ export class AudioMeter extends EventTarget {
     await this.ready;
     if (this.remoteSource) this.remoteSource.disconnect();
     if (!this.detector) {
-      this.detector = new AudioWorkletNode(this.ctx, "onset-detector", {
-        numberOfInputs: 1,
-        numberOfOutputs: 1,
-        outputChannelCount: [1],
-        processorOptions: { threshold: 0.003, gapMs: 250 },
-      });
-      this.detector.connect(this.ctx.destination); // pulls the graph; the output is silent
-      this.detector.port.onmessage = (ev) => {
-        const d = ev.data;
-        this.dispatchEvent(new CustomEvent(d.type, {
-          detail: { ...d, at: this.wallMs(d.time) },
-        }));
-      };
+      this.detector = this.#detector("");
     }
     this.remoteSource = this.ctx.createMediaStreamSource(stream);
     this.remoteSource.connect(this.detector);

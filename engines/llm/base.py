@@ -1,0 +1,87 @@
+"""The one interface every language-model backend implements, and the errors it may raise.
+
+A backend turns a chat (text messages, plus at most one picture for the last user message) into a
+stream of text deltas. Stopping early is closing the stream: ``async with aclosing(...)``, or
+cancelling the task that iterates it, must stop the generation at once and free the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol, TypedDict
+
+
+class ChatMessage(TypedDict):
+    """One message of a chat, text only (pictures never enter the history)."""
+
+    role: str  # system | user | assistant
+    content: str
+
+
+class ModelUnavailable(RuntimeError):
+    """The chosen model cannot be found or loaded; the message says what to install or set."""
+
+
+class LLMError(RuntimeError):
+    """A reply failed; ``text`` is for the page, ``spoken`` a short apology for the voice.
+
+    ``kind`` names the cause for logs and tests: auth, rate_limit, timeout, connection,
+    not_found, bad_request, server, stream, local.
+    """
+
+    def __init__(self, kind: str, text: str, spoken: str = "") -> None:
+        super().__init__(text)
+        self.kind = kind
+        self.text = text
+        self.spoken = spoken or "Sorry, I could not answer that. Please try again."
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """Which backend and model to use, and how (from the ``llm`` config group)."""
+
+    backend: str = "auto"  # auto | openai | local
+    base_url: str = ""
+    api_key: str = ""
+    model: str = ""  # openai model name, or Hugging Face id / folder / .gguf file (local)
+    device: str = "auto"  # cpu | cuda | auto (local)
+    max_tokens: int = 160
+    image_detail: str = "low"  # low | high | auto
+    timeout: float = 30.0  # seconds without an answer before a request is abandoned
+    retries: int = 2  # extra attempts after a rate limit, server error or refused connection
+    cache_dir: str = "cache"
+
+    @property
+    def resolved(self) -> str:
+        """The backend ``auto`` stands for: openai when an endpoint or key is given."""
+        if self.backend != "auto":
+            return self.backend
+        return "openai" if self.base_url or self.api_key else "local"
+
+
+class LLMBackend(Protocol):
+    """A loaded model behind a streaming chat call."""
+
+    name: str  # backend:model, for logs and the benchmark
+    can_see: bool  # whether a picture in the request is used (may turn False on first refusal)
+
+    async def load(self) -> None:
+        """Load (and convert, the first time) the model; raises :class:`ModelUnavailable`."""
+        ...
+
+    async def warm(self) -> None:
+        """One tiny generation, so the first real turn pays no start-up cost."""
+        ...
+
+    def stream(self, messages: list[ChatMessage], image: bytes | None = None,
+               ) -> AsyncIterator[str]:
+        """Text deltas of the reply to ``messages``; ``image`` (JPEG) goes with the last one.
+
+        Raises :class:`LLMError` for every failure a user should hear about.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Free connections and threads."""
+        ...

@@ -1,0 +1,63 @@
+"""One call's conversation so far, bounded, and the prompt it starts from.
+
+Only text is kept: a picture belongs to the turn it was taken in and is never sent again. An
+interrupted reply is kept as far as it was produced (the user heard its start, and the model
+should know what it already said); an exchange where nothing was produced is dropped, so roles
+always alternate (some chat templates insist).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from engines.llm.base import ChatMessage
+
+SEEING_PROMPT = (
+    "You are Parley, a friendly assistant on a live voice call. You can see the user through "
+    "their camera: when a picture comes with a message, it is what the camera shows right now; "
+    "mention what you see only when it helps. Your replies are spoken aloud, so keep them short: "
+    "one to three sentences of plain conversational text, with no lists, markdown, code or "
+    "emoji. If you did not understand something, ask."
+)
+# Plain and close to how small instruct models were tuned: SmolLM2-135M wanders off under a
+# longer persona prompt, but answers well under this one.
+BLIND_PROMPT = (
+    "You are a helpful AI assistant named Parley, talking with the user by voice. Give short, "
+    "friendly answers in plain sentences. You cannot see the user."
+)
+
+
+def default_prompt(can_see: bool) -> str:
+    """The built-in system prompt; a model that gets no pictures is not told it can see."""
+    return SEEING_PROMPT if can_see else BLIND_PROMPT
+
+
+class History:
+    """The last ``max_turns`` exchanges of a session, within ``max_chars`` of text."""
+
+    def __init__(self, max_turns: int = 8, max_chars: int = 8_000) -> None:
+        self.max_chars = max_chars
+        self._turns: deque[tuple[str, str]] = deque(maxlen=max(0, max_turns))
+
+    def __len__(self) -> int:
+        return len(self._turns)
+
+    def add(self, user: str, assistant: str) -> None:
+        """Record one exchange; one without a reply is dropped."""
+        if not self._turns.maxlen or not user.strip() or not assistant.strip():
+            return
+        self._turns.append((user.strip(), assistant.strip()))
+        while len(self._turns) > 1 and sum(len(u) + len(a) for u, a in self._turns) > self.max_chars:
+            self._turns.popleft()
+
+    def clear(self) -> None:
+        self._turns.clear()
+
+    def messages(self, system: str, user: str) -> list[ChatMessage]:
+        """The chat to send for a new ``user`` message."""
+        out: list[ChatMessage] = [ChatMessage(role="system", content=system)] if system else []
+        for past_user, past_reply in self._turns:
+            out.append(ChatMessage(role="user", content=past_user))
+            out.append(ChatMessage(role="assistant", content=past_reply))
+        out.append(ChatMessage(role="user", content=user))
+        return out

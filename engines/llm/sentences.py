@@ -1,0 +1,342 @@
+"""Cut a streamed reply into speakable sentences, as early as it is safe to.
+
+Text-to-speech starts on a whole sentence, so the first one should be released the moment it is
+complete, but not before: a period is not always a sentence end ("Mr. Smith", "3.14", "e.g.",
+"example.com", a list's "1."). Markdown the model writes out of habit is removed first, since a
+voice must not read asterisks, hashes, code or link targets. When the first sentence runs long,
+its first clause is released on its own so that speech starts sooner.
+
+Two streaming stages: :class:`MarkdownStripper` (line-aware, holds back only unfinished markup)
+feeds :class:`SentenceSplitter` (holds back only an undecided boundary). :class:`SpeechChunker`
+chains them.
+"""
+
+from __future__ import annotations
+
+import re
+
+# ----------------------------------------------------------------------------- markdown
+
+_FENCE = re.compile(r"^\s*(```|~~~)")
+_RULE = re.compile(r"^\s*([-*_])(\s*\1){2,}\s*$")
+# Bullets, headings and quotes lose their marker; numbered items keep it ("1. Flour" is spoken).
+_LINE_MARKER = re.compile(r"^\s*(#{1,6}\s+|[-*+•]\s+|>\s?)")
+_LINK = re.compile(r"!?\[([^\]\n]*)\]\([^)\n]*\)")
+_AUTOLINK = re.compile(r"<((?:https?://|mailto:)[^>\s]+)>")
+_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*\s*/?>")
+_UNDERSCORE_EMPHASIS = re.compile(r"(?<!\w)(_{1,2})(\S(?:.*?\S)?)\1(?!\w)")
+_UNDERSCORE_OPEN = re.compile(r"(?<!\w)_{1,2}(?=[^\s_])")
+_OPEN_TAG = re.compile(r"/?([A-Za-z][^\s<>]*)?$")
+_UNRESOLVED_LINK_CHARS = 300  # an "[" left open longer than this is just a bracket
+
+
+def _inline(text: str) -> str:
+    """Remove inline markup from a span that holds no unfinished construct."""
+    text = _LINK.sub(r"\1", text)
+    text = _AUTOLINK.sub(r"\1", text)
+    text = _TAG.sub(" ", text)
+    text = _UNDERSCORE_EMPHASIS.sub(r"\2", text)
+    text = text.replace("~~", "")
+    for mark in ("*", "`", "[", "]"):
+        text = text.replace(mark, "")
+    return text.replace("|", ", ").replace("\t", " ")
+
+
+def _safe_end(rest: str) -> int:
+    """How much of an unfinished line can be cleaned now without cutting a construct in two."""
+    end = len(rest)
+    pos = 0
+    while (start := rest.find("[", pos)) != -1:
+        link = _LINK.match(rest, start - 1 if start and rest[start - 1] == "!" else start)
+        if link is not None:
+            pos = link.end()
+            continue
+        close = rest.find("]", start)
+        if close != -1 and close + 1 < len(rest) and rest[close + 1] != "(":
+            pos = close + 1  # plain brackets, no link target
+            continue
+        if len(rest) - start > _UNRESOLVED_LINK_CHARS:
+            pos = start + 1
+            continue
+        end = start - 1 if start and rest[start - 1] == "!" else start
+        break
+    # An opening "_" or "__" waits for its partner (it is emphasis only if one follows).
+    pos = 0
+    while (opening := _UNDERSCORE_OPEN.search(rest, pos, end)) is not None:
+        pair = _UNDERSCORE_EMPHASIS.match(rest, opening.start())
+        if pair is not None and pair.end() < len(rest) and pair.end() <= end:
+            pos = pair.end()
+        elif end - opening.start() > _UNRESOLVED_LINK_CHARS:
+            pos = opening.end()
+        else:
+            end = opening.start()
+            break
+    # A trailing run of markup characters may be half of "**", "__" or a tag: wait for more.
+    stripped = rest[:end]
+    held = len(stripped) - len(stripped.rstrip("*_`~<"))
+    if held:
+        end -= held
+    lt = stripped.rfind("<")
+    if lt != -1 and _OPEN_TAG.match(stripped, lt + 1) and len(stripped) - lt < 80:
+        end = min(end, lt)  # maybe "<br>" or "<https://...>" in the making
+    return end
+
+
+class MarkdownStripper:
+    """Streaming removal of markdown; lines are kept (a line break ends a sentence)."""
+
+    def __init__(self) -> None:
+        self._line = ""  # raw text of the current, unfinished line
+        self._done = 0  # raw characters of it already cleaned and emitted
+        self._marker_checked = False
+        self._in_fence = False
+
+    def feed(self, text: str) -> str:
+        out: list[str] = []
+        self._line += text
+        while (nl := self._line.find("\n")) != -1:
+            line, self._line = self._line[:nl], self._line[nl + 1:]
+            out.append(self._finish_line(line))
+        out.append(self._partial())
+        return "".join(out)
+
+    def flush(self) -> str:
+        line, self._line = self._line, ""
+        out = self._finish_line(line) if line else ""
+        self._in_fence = False
+        return out
+
+    def _finish_line(self, line: str) -> str:
+        fence = _FENCE.match(line) is not None
+        if fence and not self._marker_checked:
+            self._in_fence = not self._in_fence
+            self._reset()
+            return ""
+        if self._in_fence:
+            self._reset()
+            return ""
+        if not self._marker_checked:
+            if _RULE.match(line):
+                self._reset()
+                return ""
+            line = self._drop_marker(line)
+        text = _inline(line[self._done:])
+        self._reset()
+        return text + "\n"
+
+    def _partial(self) -> str:
+        if self._in_fence:
+            return ""
+        if not self._marker_checked:
+            if not self._marker_decidable(self._line):
+                return ""
+            if _FENCE.match(self._line):
+                return ""  # a fence line: handled when it ends
+            self._line = self._drop_marker(self._line)
+        rest = self._line[self._done:]
+        end = _safe_end(rest)
+        self._done += end
+        return _inline(rest[:end])
+
+    def _drop_marker(self, line: str) -> str:
+        self._marker_checked = True
+        marker = _LINE_MARKER.match(line)
+        return line[marker.end():] if marker else line.lstrip()
+
+    def _reset(self) -> None:
+        self._done = 0
+        self._marker_checked = False
+
+    @staticmethod
+    def _marker_decidable(line: str) -> bool:
+        """True once the start of ``line`` shows whether it is a fence, heading, item or rule."""
+        s = line.lstrip()
+        if not s:
+            return False
+        if s[0] == "`" or s[0] == "~":
+            return len(s) >= 3 or s[:3].strip("`~") != ""
+        if s[0] == "#":
+            return s.lstrip("#") != ""
+        if s[0] in "-*_+•":
+            rest = s.lstrip(s[0] + " ")
+            return rest != "" and (len(s) > 1)
+        return True
+
+
+# ----------------------------------------------------------------------------- sentences
+
+_TERMINATORS = ".!?…。！？"
+_CLOSERS = "\"')]}”’»"
+_CLAUSE_BREAKS = ",;:—"
+# Never a sentence end: a title before a name, or a Latin abbreviation inside a sentence.
+_NEVER_END = frozenset({
+    "mr", "mrs", "ms", "mx", "dr", "prof", "sr", "jr", "st", "mt", "vs", "e.g", "i.e", "cf",
+    "viz", "approx", "fig", "no", "nos", "vol", "ch", "pp", "gen", "gov", "sen", "rep", "rev",
+    "capt", "lt", "col", "sgt", "eg", "ie",
+})
+# A sentence end only when the next word starts with a capital: "etc. Then" but "etc. and".
+_MAYBE_END = frozenset({"etc", "inc", "ltd", "co", "corp", "jan", "feb", "mar", "apr", "jun",
+                        "jul", "aug", "sep", "sept", "oct", "nov", "dec", "a.m", "p.m", "u.s",
+                        "u.k", "e.u", "u.n", "ph.d", "b.c", "a.d", "est", "dept", "min", "max"})
+_EMOJI = re.compile(
+    "[\U0001f000-\U0001faff\U00002600-\U000027bf\U0001f1e6-\U0001f1ff\ufe0f\u200d\u20e3"
+    "\U0000231a-\U0000231b\U000023e9-\U000023fa\U00002b00-\U00002bff]+")
+_SPACES = re.compile(r"\s+")
+_SPEAKABLE = re.compile(r"\w")
+
+
+def speakable(text: str) -> str:
+    """``text`` as a voice should get it: no emoji, single spaces; empty if nothing to say."""
+    text = _SPACES.sub(" ", _EMOJI.sub(" ", text)).strip()
+    return text if _SPEAKABLE.search(text) else ""
+
+
+class SentenceSplitter:
+    """Streaming sentence boundaries over clean text (see the module docstring)."""
+
+    def __init__(self, *, first_clause_words: int = 6) -> None:
+        self.first_clause_words = first_clause_words
+        self._buf = ""
+        self._released = False  # something of this reply was released already
+
+    def feed(self, text: str) -> list[str]:
+        self._buf += text
+        return self._drain(final=False)
+
+    def flush(self) -> list[str]:
+        out = self._drain(final=True)
+        tail, self._buf = speakable(self._buf), ""
+        if tail:
+            out.append(tail)
+            self._released = True
+        return out
+
+    def _drain(self, *, final: bool) -> list[str]:
+        out: list[str] = []
+        while (cut := self._find_cut(final)) is not None:
+            piece, self._buf = self._buf[:cut], self._buf[cut:]
+            piece = speakable(piece)
+            if piece:
+                out.append(piece)
+                self._released = True
+        return out
+
+    def _find_cut(self, final: bool) -> int | None:
+        buf = self._buf
+        start = len(buf) - len(buf.lstrip())  # where the pending sentence begins
+        i = start
+        while i < len(buf):
+            c = buf[i]
+            if c == "\n":
+                return i + 1
+            if c in _TERMINATORS:
+                j = i
+                while j < len(buf) and buf[j] in _TERMINATORS:
+                    j += 1
+                while j < len(buf) and buf[j] in _CLOSERS:
+                    j += 1
+                decision = self._is_end(buf, start, i, j, final)
+                if decision is None:
+                    return None
+                if decision:
+                    return j
+                i = j
+                continue
+            if (not self._released and (c in _CLAUSE_BREAKS or (c in "-–" and self._dash(buf, i)))
+                    and self._clause_end(buf, start, i)):
+                return i + 1
+            i += 1
+        return None
+
+    def _is_end(self, buf: str, start: int, i: int, j: int, final: bool) -> bool | None:
+        """Whether the terminator run ``buf[i:j]`` ends a sentence; None: undecidable yet."""
+        if j >= len(buf):
+            return True if final else None
+        if not buf[j].isspace():
+            return False  # "3.14", "example.com", "e.g.x", "?!" mid-word
+        run = buf[i:j].rstrip(_CLOSERS)
+        if any(t in run for t in "!?！？。"):
+            return True
+        nxt = _next_word_start(buf, j)
+        if nxt is None and not final:
+            if run == ".":
+                word = _word_before(buf, i).lower()
+                if word not in _MAYBE_END and not _is_initialism(word):
+                    return self._period_ends(buf, start, i)
+            return None
+        capital = nxt is None or not nxt.islower()
+        if run in ("...", "…") or len(run) > 1:
+            return capital  # "Well... maybe" goes on; "I see... Now" ends
+        word = _word_before(buf, i).lower()
+        if word in _MAYBE_END or _is_initialism(word):
+            return capital
+        return self._period_ends(buf, start, i)
+
+    @staticmethod
+    def _period_ends(buf: str, start: int, i: int) -> bool:
+        word = _word_before(buf, i)
+        lower = word.lower()
+        if lower in _NEVER_END:
+            return False
+        if len(word) == 1 and word.isupper():
+            return False  # an initial: "J. Smith"
+        if word.isdigit() and len(word) <= 3:
+            # A list number: "1. Flour" at the start of a sentence, or after a colon.
+            before = buf[start:i - len(word)].rstrip()
+            if not before or before.endswith(":"):
+                return False
+        return True
+
+    def _clause_end(self, buf: str, start: int, i: int) -> bool:
+        """A clause break inside a long first sentence, with enough words before it."""
+        if i + 1 >= len(buf) or not buf[i + 1].isspace():
+            return False  # "1,000", "10:30", or not known yet
+        if buf[i] == ":" and not buf[i + 1:].strip():
+            return False
+        return len(buf[start:i].split()) >= self.first_clause_words
+
+    @staticmethod
+    def _dash(buf: str, i: int) -> bool:
+        """A spaced hyphen or en dash (" - ") reads as a pause; "well-known" does not."""
+        return i > 0 and buf[i - 1] == " " and i + 1 < len(buf) and buf[i + 1] == " "
+
+
+def _word_before(buf: str, i: int) -> str:
+    k = i
+    while k > 0 and not buf[k - 1].isspace():
+        k -= 1
+    return buf[k:i].lstrip("\"'([{“‘«")
+
+
+def _is_initialism(word: str) -> bool:
+    """"u.s", "a.m", "e.g": single letters joined by periods."""
+    parts = word.split(".")
+    return len(parts) > 1 and all(len(p) == 1 and p.isalpha() for p in parts)
+
+
+def _next_word_start(buf: str, j: int) -> str | None:
+    for ch in buf[j:]:
+        if not ch.isspace():
+            return ch
+    return None
+
+
+class SpeechChunker:
+    """Markdown stripping then sentence splitting: reply deltas in, speakable sentences out."""
+
+    def __init__(self, *, first_clause_words: int = 6) -> None:
+        self._markdown = MarkdownStripper()
+        self._splitter = SentenceSplitter(first_clause_words=first_clause_words)
+
+    def feed(self, delta: str) -> list[str]:
+        return self._splitter.feed(self._markdown.feed(delta))
+
+    def flush(self) -> list[str]:
+        out = self._splitter.feed(self._markdown.flush())
+        return out + self._splitter.flush()
+
+
+def split_text(text: str, *, first_clause_words: int = 6) -> list[str]:
+    """All sentences of a whole reply (what the streaming path yields, in one call)."""
+    chunker = SpeechChunker(first_clause_words=first_clause_words)
+    return chunker.feed(text) + chunker.flush()

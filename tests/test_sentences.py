@@ -1,0 +1,93 @@
+"""The speech-aware sentence splitter: tricky inputs, fed whole and one character at a time."""
+
+from __future__ import annotations
+
+import pytest
+
+from engines.llm.sentences import SpeechChunker, speakable, split_text
+
+TABLE: list[tuple[str, list[str]]] = [
+    # plain sentences, every terminator
+    ("Hello there. How are you? Great!", ["Hello there.", "How are you?", "Great!"]),
+    # titles and initials are not sentence ends
+    ("Mr. Smith met Dr. Jones today. They talked.", ["Mr. Smith met Dr. Jones today.",
+                                                     "They talked."]),
+    ("J. R. R. Tolkien wrote it. Nice.", ["J. R. R. Tolkien wrote it.", "Nice."]),
+    # decimals, thousands, times
+    ("Pi is about 3.14. That is all.", ["Pi is about 3.14.", "That is all."]),
+    ("It costs $1,000. Cheap!", ["It costs $1,000.", "Cheap!"]),
+    ("Meet at 10:30 a.m. Don't be late.", ["Meet at 10:30 a.m.", "Don't be late."]),
+    # Latin abbreviations
+    ("Bring fruit, e.g. apples. Then go.", ["Bring fruit, e.g. apples.", "Then go."]),
+    ("Some, i.e. most of them. Yes.", ["Some, i.e. most of them.", "Yes."]),
+    ("Apples, pears, etc. and more. Etc. Then.", ["Apples, pears, etc. and more.", "Etc.",
+                                                 "Then."]),
+    # URLs keep their dots
+    ("See https://example.com/docs.html for more. Bye.",
+     ["See https://example.com/docs.html for more.", "Bye."]),
+    ("Visit example.org. It helps.", ["Visit example.org.", "It helps."]),
+    # list numbers stay with their item
+    ("Two tips: 1. Drink water. 2. Sleep well.", ["Two tips: 1. Drink water.", "2. Sleep well."]),
+    ("1. Flour\n2. Eggs\n3. Milk", ["1. Flour", "2. Eggs", "3. Milk"]),
+    # emoji are not spoken; a lone emoji is no sentence
+    ("Great job! 🎉 Keep going 💪", ["Great job!", "Keep going"]),
+    ("👍", []),
+    # markdown the voice must not read
+    ("**Great** question! The *answer* is `42`.", ["Great question!", "The answer is 42."]),
+    ("# Summary\nParis is the capital.", ["Summary", "Paris is the capital."]),
+    ("Code:\n```python\nprint('a. b')\nx = 1\n```\nThat prints it.", ["Code:", "That prints it."]),
+    ("Read [the docs](https://x.y/z.html). Then ask.", ["Read the docs.", "Then ask."]),
+    ("- apples\n- pears\n\n---\n> a quote", ["apples", "pears", "a quote"]),
+    ("Use __bold__ and _it_ but keep snake_case.", ["Use bold and it but keep snake_case."]),
+    # quotes and closing brackets stay with their sentence
+    ('He said "stop." Then he left.', ['He said "stop."', "Then he left."]),
+    ("It works (mostly.) Fine.", ["It works (mostly.)", "Fine."]),
+    # ellipses
+    ("Well... maybe. I see... Now we go.", ["Well... maybe.", "I see...", "Now we go."]),
+    # no final punctuation: the rest comes out at the end
+    ("no final punctuation here", ["no final punctuation here"]),
+    ("", []),
+    # a long first sentence lets its first clause go early; later ones are whole
+    ("The capital of France, which is a big city with many museums, is Paris. Later, it rains.",
+     ["The capital of France, which is a big city with many museums,", "is Paris.",
+      "Later, it rains."]),
+    ("Sure, I can help. Yes.", ["Sure, I can help.", "Yes."]),
+    ("The first thing you should know about this - it is easy to do.",
+     ["The first thing you should know about this -", "it is easy to do."]),
+    ("A well-known fact is that the number 1,000,000 is large.",
+     ["A well-known fact is that the number 1,000,000 is large."]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), TABLE)
+def test_whole_text(text: str, expected: list[str]) -> None:
+    assert split_text(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), TABLE)
+def test_streamed_one_character_at_a_time(text: str, expected: list[str]) -> None:
+    chunker = SpeechChunker()
+    out: list[str] = []
+    for ch in text:
+        out += chunker.feed(ch)
+    assert out + chunker.flush() == expected
+
+
+def test_a_sentence_is_released_before_the_reply_ends() -> None:
+    chunker = SpeechChunker()
+    assert chunker.feed("Hello there.") == []  # a period alone may be "3." of "3.14"
+    assert chunker.feed(" How") == ["Hello there."]
+    assert chunker.feed(" are you?") == []
+    assert chunker.flush() == ["How are you?"]
+
+
+def test_a_link_target_is_held_back_until_it_closes() -> None:
+    chunker = SpeechChunker()
+    assert chunker.feed("See [the guide](https://a.b/c. d") == []
+    assert chunker.feed(") now. Next") == ["See the guide now."]
+    assert chunker.flush() == ["Next"]
+
+
+def test_speakable() -> None:
+    assert speakable("  Hi \n there 🙂 ") == "Hi there"
+    assert speakable(" ... ") == ""
