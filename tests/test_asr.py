@@ -291,3 +291,12 @@ def test_transformers_backend_loads_a_whisper_folder_and_reports_confidence(tmp_
     assert 0.0 <= segment.no_speech_prob <= 1.0
     assert segment.avg_logprob < 0.0  # random weights: far from sure of anything
     assert drop_reason(segment) != ""  # so the guard drops the babble
+
+
+def test_short_window_decoding_drops_whisper_restarting_in_the_padding():
+    from engines.asr.faster_whisper_backend import _without_repeats
+
+    assert _without_repeats("Yes. Yes. Yes. Yes.") == "Yes."
+    assert _without_repeats("What is it? What is it?") == "What is it?"
+    assert _without_repeats("No. Yes. No.") == "No. Yes. No."  # not consecutive: kept
+    assert _without_repeats("Go. Go on.") == "Go. Go on."

@@ -52,7 +52,8 @@ class SupervisorRun:
         return self.stdout
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def pids(self, process: str) -> list[int]:
