@@ -26,6 +26,7 @@ class Listener:
         self._vad = vad.stream()
         self._endpointer = Endpointer(config, mode)
         self._carry = np.zeros(0, dtype=np.float32)
+        self._heard_until = 0.0  # wall clock up to which audio (or assumed silence) was fed
         self._commands: collections.deque[tuple[str, str, float]] = collections.deque()
 
     @property
@@ -49,7 +50,8 @@ class Listener:
                 events += self._endpointer.set_mode(mode, at)
                 self._vad.reset()
         if frame is None:
-            return events + self._endpointer.tick(now)
+            return events + self._endpointer.tick(now) + self._missing_audio(now)
+        self._heard_until = now
         audio = self._resample(frame)
         if self._carry.size:
             audio = np.concatenate([self._carry, audio])
@@ -60,4 +62,18 @@ class Listener:
             prob = self._vad(chunk) if vad else None
             events += self._endpointer.feed(chunk, prob, now)
         self._carry = audio[whole:].copy()
+        return events
+
+    def _missing_audio(self, now: float) -> list[Event]:
+        """No frames arrive (a browser sending nothing during silence, DTX, a stalled network):
+        in hands-free mode the time passes as silence, so a turn in progress still ends."""
+        if self._endpointer.mode != "vad" or not self._endpointer.active or not self._heard_until:
+            self._heard_until = now
+            return []
+        step = CHUNK / self._endpointer.config.rate
+        events: list[Event] = []
+        silence = np.zeros(CHUNK, dtype=np.float32)
+        while now - self._heard_until >= step:
+            self._heard_until += step
+            events += self._endpointer.feed(silence, 0.0, self._heard_until)
         return events

@@ -1,0 +1,191 @@
+"""Voice-to-voice latency in a real browser: the figure this project is judged by.
+
+Starts the whole system (``python supervisor.py`` with its defaults, bundled models), opens the
+call page in headless Chromium whose fake microphone plays generated speech (several different
+questions, each followed by a pause), and measures at the page, per turn: from the end of the
+user's speech *in the microphone signal* to the first audible sample of the reply. Both instants
+come from the same AudioWorklet clock (web/onset-worklet.js on the mic and on the remote audio).
+
+Push-to-talk is pressed when the mic signal starts and released when it has been silent for
+250 ms (the page's onset detector), so the ptt figure includes that human-like release delay.
+Hands-free includes the VAD's endpointing silence (--vad-silence-ms, answered speculatively
+from --vad-early-ms).
+
+    .venv/bin/python bench/latency.py [--turns 6] [--modes ptt,vad] [--gap 9] [-- SUPERVISOR ARGS]
+
+Prints p50/p95 per stage and end to end per mode; the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.browser import Chromium
+from tests.speech import say, silence, write_wav
+from tests.system import SupervisorRun
+
+QUESTIONS = (
+    "What is the capital of France?",
+    "What color is the sky on a clear day?",
+    "How many legs does a dog have?",
+    "Can you name a fruit that is yellow?",
+    "What do bees make?",
+    "Which planet do we live on?",
+    "What is the opposite of hot?",
+    "What season comes after winter?",
+    "Where does the sun rise?",
+    "What do cows drink?",
+)
+STAGES = ("endpoint", "transcript", "first_token", "first_sentence", "first_packet", "first_sent")
+RATE = 48_000
+LEAD_S = 3.0  # the call connects meanwhile
+GROUP_GAP_MS = 1500  # mic sounds closer than this belong to one question
+
+PTT_DRIVER = """
+(() => {
+  window.__bench = { releases: [] };
+  parley.meter.addEventListener("mic-onset", () => parley.talk(true));
+  parley.meter.addEventListener("mic-offset", (ev) => {
+    parley.talk(false);
+    window.__bench.releases.push({ end: ev.detail.at, at: performance.timeOrigin + performance.now() });
+  });
+  return true;
+})()
+"""
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def microphone(turns: int, gap_s: float, folder: Path) -> tuple[Path, list[str]]:
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(turns)]
+    parts = [silence(LEAD_S, RATE)]
+    for question in questions:
+        parts += [say(question, RATE), silence(gap_s, RATE)]
+    return write_wav(folder / "questions.wav", np.concatenate(parts), RATE), questions
+
+
+def group_sounds(onsets: list[float], offsets: list[float]) -> list[tuple[float, float]]:
+    """(start, end) of each spoken question in the mic signal."""
+    groups: list[list[float]] = []
+    for start in sorted(onsets):
+        if groups and start - groups[-1][1] < GROUP_GAP_MS:
+            groups[-1][1] = max(groups[-1][1], start)
+        else:
+            groups.append([start, start])
+    spans = []
+    for i, (start, _) in enumerate(groups):
+        limit = groups[i + 1][0] if i + 1 < len(groups) else float("inf")
+        ends = [o for o in offsets if start <= o < limit]
+        if ends:
+            spans.append((start, max(ends)))
+    return spans
+
+
+async def run_mode(mode: str, url: str, wav: Path, questions: list[str], gap_s: float) -> dict:
+    duration = LEAD_S + sum(len(say(q, RATE)) / RATE + gap_s for q in questions)
+    async with Chromium(mic=wav) as browser:
+        page = await browser.open(f"{url}?mode={mode}&raw=1&loopback=1")
+        await page.wait_for("parley.state === 'connected'", timeout=30)
+        if mode == "ptt":
+            await page.evaluate(PTT_DRIVER)
+        await asyncio.sleep(duration)
+        data = json.loads(await page.evaluate(
+            "JSON.stringify({summary: parley.summary(), micOnsets: parley.micOnsets,"
+            " micOffsets: parley.micOffsets, onsets: parley.onsets, errors: parley.errors,"
+            " releases: (window.__bench || {}).releases || []})"))
+    spans = group_sounds([o["at"] for o in data["micOnsets"]], [o["at"] for o in data["micOffsets"]])
+    replies = sorted(o["at"] for o in data["onsets"])
+    turns = []
+    for i, (_start, end) in enumerate(spans):
+        limit = spans[i + 1][0] if i + 1 < len(spans) else float("inf")
+        reply = next((r for r in replies if end < r < limit), None)
+        row: dict = {"question": questions[i] if i < len(questions) else "?",
+                     "speech_end": end, "v2v_ms": None if reply is None else reply - end}
+        turn = min(data["summary"], default=None,
+                   key=lambda t: abs((t.get("speechEnd") or 0) - end))
+        if turn and turn.get("speechEnd") and abs(turn["speechEnd"] - end) < GROUP_GAP_MS:
+            row["heard"] = turn.get("user", "")
+            row["reply"] = turn.get("assistant", "")
+            row["stages"] = {"endpoint": turn["speechEnd"] - end,
+                             **{k: turn["speechEnd"] + v - end
+                                for k, v in (turn.get("stages") or {}).items()}}
+        turns.append(row)
+    return {"turns": turns, "errors": data["errors"], "questions": len(questions),
+            "spoken": len(spans)}
+
+
+def summarise(result: dict) -> dict:
+    v2v = [t["v2v_ms"] for t in result["turns"] if t["v2v_ms"] is not None]
+    out = {"turns": result["questions"], "answered": len(v2v),
+           "v2v_p50_ms": percentile(v2v, 50), "v2v_p95_ms": percentile(v2v, 95),
+           "v2v_mean_ms": statistics.fmean(v2v) if v2v else None, "stages": {}}
+    for stage in STAGES:
+        values = [t["stages"][stage] for t in result["turns"]
+                  if stage in t.get("stages", {})]
+        out["stages"][stage] = {"p50_ms": percentile(values, 50), "p95_ms": percentile(values, 95)}
+    return out
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--turns", type=int, default=6, help="questions per mode")
+    parser.add_argument("--modes", default="ptt,vad")
+    parser.add_argument("--gap", type=float, default=9.0, help="seconds of silence after each question")
+    parser.add_argument("supervisor_args", nargs="*", help="extra flags for supervisor.py (after --)")
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
+        folder = Path(tmp)
+        wav, questions = microphone(args.turns, args.gap, folder)
+        started = time.perf_counter()
+        async with SupervisorRun(folder, *args.supervisor_args) as system:
+            print(f"system ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+            for mode in args.modes.split(","):
+                results[mode] = await run_mode(mode, system.url, wav, questions, args.gap)
+
+    print(f"\nVoice-to-voice latency at the page, {args.turns} questions per mode "
+          f"(ms after the end of speech in the mic signal)\n")
+    summary = {}
+    for mode, result in results.items():
+        summary[mode] = s = summarise(result)
+        print(f"[{mode}] answered {s['answered']}/{s['turns']}")
+        print(f"  {'stage':<16}{'p50':>8}{'p95':>8}")
+        for stage in STAGES:
+            print(f"  {stage:<16}{fmt(s['stages'][stage]['p50_ms']):>8}"
+                  f"{fmt(s['stages'][stage]['p95_ms']):>8}")
+        print(f"  {'voice-to-voice':<16}{fmt(s['v2v_p50_ms']):>8}{fmt(s['v2v_p95_ms']):>8}")
+        for turn in result["turns"]:
+            print(f"    {fmt(turn['v2v_ms']):>6} ms  {turn['question']!r} -> heard "
+                  f"{turn.get('heard', '')!r}; reply {turn.get('reply', '')[:60]!r}")
+        if result["errors"]:
+            print(f"  errors: {result['errors'][:3]}")
+        print()
+    print(json.dumps({"bench": "latency", "modes": summary}))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
