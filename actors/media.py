@@ -28,6 +28,7 @@ from actors.runtime import Actor, StartupError, main
 from bus.schema import (
     CONTROL,
     OPUS_PACKET,
+    VIDEO_SOURCES,
     Control,
     ControlKind,
     Frame,
@@ -63,6 +64,7 @@ class Call:
     pc: RTCPeerConnection | None = None
     tg: asyncio.TaskGroup | None = None  # the call's own tasks (receivers, snapshots)
     user_turn: int = 0
+    video_kind: str = "camera"  # what the video track shows: camera | screen
     state: str = ""
     replaced: bool = False  # a newer offer of the same session took over
     connected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -143,6 +145,8 @@ class MediaActor(Actor):
                 self.log.info("mode_changed", session=msg.session, mode=msg.mode)
             else:
                 self.report_error(msg.session, msg.turn, f"unknown turn mode {msg.mode[:20]!r}")
+        elif msg.kind == ControlKind.VIDEO and msg.text in VIDEO_SOURCES:
+            call.video_kind = msg.text
         elif msg.kind == ControlKind.TALK_START:
             call.listener.command("talk_start", now)
         elif msg.kind == ControlKind.TALK_STOP:
@@ -180,7 +184,8 @@ class MediaActor(Actor):
             return
         mode = msg.mode if msg.mode in MODES else self.settings.turn_mode
         assert self._vad is not None
-        call = Call(msg.session, Listener(self._vad, self._endpoint, mode))
+        call = Call(msg.session, Listener(self._vad, self._endpoint, mode),
+                    video_kind=msg.text if msg.text in VIDEO_SOURCES else "camera")
         call.track = OpusTrack(on_turn=lambda event, turn: self._turn_event(call, event, turn))
         previous = self._calls.get(msg.session)
         if previous is not None:
@@ -354,7 +359,7 @@ class MediaActor(Actor):
             self.log.warning("snapshot_failed", session=call.session, error=repr(exc))
             return
         self.publish(Frame(session=call.session, turn=turn, jpeg=shot.jpeg, width=shot.width,
-                           height=shot.height))
+                           height=shot.height, kind=call.video_kind))
         self.log.debug("frame", session=call.session, turn=turn, bytes=len(shot.jpeg),
                        ms=round((time.perf_counter() - started) * 1000, 1))
 

@@ -34,6 +34,7 @@ from bus.schema import (
     SENTENCE,
     TOKEN,
     TRANSCRIPT,
+    VIDEO_SOURCES,
     Control,
     ControlKind,
     Message,
@@ -123,6 +124,9 @@ def parse_page_message(data: str) -> dict[str, Any]:
         if len(sdp) > MAX_SDP:
             raise BadInput("bad_sdp", f"SDP of {len(sdp)} bytes refused (limit {MAX_SDP})")
         _check_mode(msg.setdefault("mode", "vad"))
+        _check_video(msg.setdefault("video", "camera"))
+    elif kind == "video":
+        _check_video(msg.get("source"))
     elif kind == "talk":
         if not isinstance(msg.get("pressed"), bool):
             raise BadInput("bad_message", "talk needs 'pressed': true or false")
@@ -134,6 +138,11 @@ def parse_page_message(data: str) -> dict[str, Any]:
     elif kind not in ("interrupt", "hangup"):
         raise BadInput("unknown_type", f"unknown message type {kind[:40]!r}")
     return msg
+
+
+def _check_video(source: object) -> None:
+    if source not in VIDEO_SOURCES:
+        raise BadInput("bad_video", f"video source must be one of {', '.join(VIDEO_SOURCES)}")
 
 
 def _check_mode(mode: object) -> None:
@@ -364,7 +373,9 @@ class Signaling(Actor):
             return
         session, kind = peer.session, msg["type"]
         if kind == "offer":
-            self._offer(peer, msg["sdp"], msg["mode"])
+            self._offer(peer, msg["sdp"], msg["mode"], msg["video"])
+        elif kind == "video":
+            self._control(session, ControlKind.VIDEO, text=msg["source"])
         elif kind == "talk":
             self._control(session, ControlKind.TALK_START if msg["pressed"]
                           else ControlKind.TALK_STOP)
@@ -382,8 +393,9 @@ class Signaling(Actor):
             peer.send({"type": "state", "turn": 0, "state": "ended", "text": "call ended",
                        "source": self.name})
 
-    def _offer(self, peer: Peer, sdp: str, mode: str) -> None:
-        self._control(peer.session, ControlKind.OFFER, sdp=sdp, sdp_type="offer", mode=mode)
+    def _offer(self, peer: Peer, sdp: str, mode: str, video: str = "camera") -> None:
+        self._control(peer.session, ControlKind.OFFER, sdp=sdp, sdp_type="offer", mode=mode,
+                      text=video)
         self.log.info("offer", session=peer.session, mode=mode, bytes=len(sdp))
         peer.answered = False
         loop = asyncio.get_running_loop()

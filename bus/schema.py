@@ -37,6 +37,7 @@ METRICS = "metrics"
 PCM_RATE = 16_000  # utterance audio: s16le mono at this rate
 OPUS_RATE = 48_000  # Opus timing is always counted at 48 kHz
 OPUS_SILENCE = b"\xf8\xff\xfe"  # one 20 ms Opus frame of silence
+VIDEO_SOURCES = ("camera", "screen")  # what a Frame shows (Frame.kind, Control VIDEO text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,9 +181,10 @@ class ControlKind(StrEnum):
     CLAIM = "claim"  # actor, instance: this worker now serves the session
     SESSION_START = "session_start"  # a page joined
     SESSION_END = "session_end"  # the page left: free every state of the session
-    OFFER = "offer"  # sdp, sdp_type: the browser's WebRTC offer
+    OFFER = "offer"  # sdp, sdp_type, mode, text (video source): the browser's WebRTC offer
     ANSWER = "answer"  # sdp, sdp_type: the media actor's answer
     MODE = "mode"  # mode: vad | ptt
+    VIDEO = "video"  # text: camera | screen, what the page's video track shows now
     TALK_START = "talk_start"  # push-to-talk pressed
     TALK_STOP = "talk_stop"  # push-to-talk released
     INTERRUPT = "interrupt"  # turn: the new turn; everything older is stale

@@ -199,7 +199,7 @@ class Call:
 
 @contextlib.asynccontextmanager
 async def call(endpoints: Endpoints, mode: str = "vad", session: str | None = None,
-               log: BusLog | None = None) -> AsyncIterator[Call]:
+               log: BusLog | None = None, video: str = "camera") -> AsyncIterator[Call]:
     """Offer over the bus like signaling does, apply the answer, wait for ``connected``.
 
     Without ``log`` the call has its own bus client; with one, the caller keeps it running.
@@ -219,7 +219,7 @@ async def call(endpoints: Endpoints, mode: str = "vad", session: str | None = No
         try:
             mark = len(log.messages)  # a log shared with an earlier call holds its answer
             bus.publish(Control(session=session, kind=ControlKind.OFFER, sdp=await peer.offer(),
-                                sdp_type="offer", mode=mode))
+                                sdp_type="offer", mode=mode, text=video))
             answer = await log.wait(control(session, ControlKind.ANSWER), after=mark)
             assert answer.sdp_type == "answer" and "a=candidate:" in answer.sdp
             await peer.accept(answer.sdp)
@@ -288,7 +288,7 @@ def segments(heard: list[tuple[float, float]]) -> list[tuple[int, int]]:
 async def test_hands_free_utterance_and_frame(broker, actors):
     await actors.start("media")
     speech = say(SENTENCE, RATE)
-    async with call(broker, "vad") as c:
+    async with call(broker, "vad", video="screen") as c:
         await c.log.wait(control(c.session, ControlKind.STATE, state="listening"))
         c.peer.mic.speak(np.concatenate([np.zeros(RATE // 2, np.int16), speech]))
         onset = await c.log.wait(control(c.session, ControlKind.INTERRUPT))
@@ -309,6 +309,7 @@ async def test_hands_free_utterance_and_frame(broker, actors):
     assert metric.at == utterance.speech_end
     image = Image.open(io.BytesIO(frame.jpeg))
     assert image.format == "JPEG" and image.size == CAMERA == (frame.width, frame.height)
+    assert frame.kind == "screen"  # as the offer said
     red, green, blue = image.convert("RGB").getpixel((300, 120))  # YUV -> RGB done right
     assert red > 200 and 100 < green < 160 and blue < 50, (red, green, blue)
     states = [m.state for m in c.log.find(control(c.session, ControlKind.STATE))]

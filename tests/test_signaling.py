@@ -91,9 +91,13 @@ async def test_offer_and_controls_reach_the_bus_and_events_only_their_page(broke
         ws1, s1 = await join(http, host)
         ws2, _ = await join(http, host)
 
-        await ws1.send_json({"type": "offer", "sdp": SDP, "mode": "ptt"})
+        await ws1.send_json({"type": "offer", "sdp": SDP, "mode": "ptt", "video": "screen"})
         offer = await harness.recv_until(bus, control(ControlKind.OFFER, s1), 5)
         assert (offer.sdp, offer.sdp_type, offer.mode, offer.turn) == (SDP, "offer", "ptt", 0)
+        assert offer.text == "screen"  # the page shares its screen
+        await ws1.send_json({"type": "video", "source": "camera"})
+        video = await harness.recv_until(bus, control(ControlKind.VIDEO, s1), 5)
+        assert video.text == "camera"
         # No media actor runs here: the page is told, in words, while the offer waits.
         assert (await next_event(ws1, "error", timeout=8))["code"] == "media_unavailable"
 
@@ -158,6 +162,7 @@ BAD_INPUT: list[tuple[Any, str]] = [
     ('{"type": "offer", "sdp": "v=0\\r\\nm=audio", "mode": "loud"}', "bad_mode"),
     ('{"type": "talk", "pressed": "yes"}', "bad_message"),
     ('{"type": "mode"}', "bad_mode"),
+    ('{"type": "video", "source": "webcam"}', "bad_video"),
     ('{"type": "ping", "t": true}', "bad_message"),
     (b"\x00\x01binary", "binary"),
     ("x" * 300_000, "too_big"),

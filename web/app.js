@@ -342,6 +342,8 @@ async function toggleShare() {
   parley.sharing = true;
   parley.local.video = track;
   await call.replaceVideo(track);
+  call.videoSource = "screen";
+  call.send({ type: "video", source: "screen" });
   ui.selfView.srcObject = screen;
   ui.videoOff.hidden = true;
   setShareButton(true);
@@ -355,6 +357,8 @@ function stopSharing() {
   if (parley.local) {
     parley.local.video = parley.local.camera;
     call.replaceVideo(parley.local.camera).catch(() => {});
+    call.videoSource = "camera";
+    call.send({ type: "video", source: "camera" });
     ui.selfView.srcObject = parley.local.stream;
     ui.videoOff.hidden = Boolean(parley.local.camera);
   }

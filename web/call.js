@@ -7,6 +7,9 @@
 // Events (CustomEvent.detail): "state" {state, text}, "message" (each server event),
 // "track" {track, streams}, "session" {session}.
 
+const VIDEO_SEND_FPS = 5;
+const VIDEO_SEND_BITRATE = 300_000;
+
 const BACKOFF_MS = [500, 1000, 2000, 4000, 8000, 10000];
 const GATHER_TIMEOUT_MS = 3000;
 const DISCONNECTED_GRACE_MS = 4000;
@@ -15,6 +18,7 @@ const PING_EVERY_MS = 5000;
 export class Call extends EventTarget {
   constructor({ url, mode, loopbackOnly = false }) {
     super();
+    this.videoSource = "camera"; // what the video track shows: camera | screen
     this.url = url;
     this.mode = mode;
     this.loopbackOnly = loopbackOnly;
@@ -149,17 +153,19 @@ export class Call extends EventTarget {
     };
     const { audio, video, stream } = this.local;
     pc.addTrack(audio, stream);
-    if (video) {
-      this.videoSender = pc.addTrack(video, stream);
-    } else {
-      this.videoSender = pc.addTransceiver("video", { direction: "sendonly" }).sender;
-    }
+    // The assistant looks at one picture per turn: a few frames a second are plenty, and they
+    // spare the CPU of both ends (encoding here, decoding on the server) for the voice.
+    this.videoSender = pc.addTransceiver(video || "video", {
+      direction: "sendonly",
+      streams: [stream],
+      sendEncodings: [{ maxFramerate: VIDEO_SEND_FPS, maxBitrate: VIDEO_SEND_BITRATE }],
+    }).sender;
     await pc.setLocalDescription();
     await gatherComplete(pc);
     if (gen !== this.generation) return;
     let sdp = pc.localDescription.sdp;
     if (this.loopbackOnly) sdp = onlyLoopbackCandidates(sdp);
-    this.#send({ type: "offer", sdp, mode: this.mode });
+    this.#send({ type: "offer", sdp, mode: this.mode, video: this.videoSource });
     this.#setState("negotiating", "Waiting for the server…");
   }
 
