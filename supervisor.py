@@ -31,6 +31,7 @@ from bus.schema import CONTROL, NO_SESSION, Control, ControlKind
 from core import config, logs
 
 ACTORS = ("asr", "llm", "tts", "media", "signaling")  # start order: slow model loads first
+MODEL_ACTORS = ("asr", "llm", "tts")  # started at --model-nice: the media clock comes first
 STOP_ORDER = (("signaling",), ("media",), ("llm", "tts", "asr"))  # front door first
 STOP_GRACE_S = 3.0
 BACKOFF_FIRST_S = 0.5
@@ -42,10 +43,15 @@ OUTPUT_TAIL = 30  # lines of a child's output kept for crash reports
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the supervisor dies, even by kill -9."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _child_setup(nice: int) -> Callable[[], None]:
+    """What a child runs before exec: die with the supervisor (even on kill -9), set priority."""
+    def setup() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if nice:
+            with contextlib.suppress(OSError):
+                os.nice(nice)
+    return setup
 
 
 @dataclass
@@ -95,7 +101,8 @@ class Supervisor:
         child.proc = await asyncio.create_subprocess_exec(
             *child.argv, env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent)
+            start_new_session=True,
+            preexec_fn=_child_setup(self.settings.model_nice if child.name in MODEL_ACTORS else 0))
         child.started = time.monotonic()
         child.last_beat = child.started
         self.log.info("process_started", process=child.name, pid=child.proc.pid,

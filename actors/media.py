@@ -25,6 +25,7 @@ from aiortc import RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from actors.runtime import Actor, StartupError, main
+from core.priority import set_niceness
 from bus.schema import (
     CONTROL,
     OPUS_PACKET,
@@ -107,6 +108,12 @@ class MediaActor(Actor):
             min_speech_s=s.min_speech_ms / 1000, max_utterance_s=s.max_utterance_s)
         if s.ice_loopback:
             offer_loopback_candidates()
+        nice = set_niceness(s.media_nice)
+        if nice is None:
+            self.log.warning("media_priority_unchanged", wanted=s.media_nice,
+                             hint="run as root or grant CAP_SYS_NICE for steadier audio under load")
+        else:
+            self.log.info("media_priority", nice=nice)
         if s.log_level != "debug":  # every ICE check and RTP detail is logged at info
             for noisy in ("aioice", "aiortc"):
                 logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -108,15 +108,21 @@ async def busclient_latency(endpoints: Endpoints, count: int, interval_ms: float
             BusClient(endpoints, "bench-pub") as pub:
         await pub.wait_connected()
         latencies = []
+        lost = 0
         text = "x" * PAYLOAD
         for _ in range(count):
             sent = time.perf_counter_ns()
             pub.publish(Token(session="bench", text=text, index=sent))
-            msg = await sub.recv()
+            try:
+                async with asyncio.timeout(2.0):
+                    msg = await sub.recv()
+            except TimeoutError:
+                lost += 1
+                continue
             latencies.append((time.perf_counter_ns() - msg.index) / 1e6)  # type: ignore[attr-defined]
             await asyncio.sleep(interval_ms / 1000)
     return {"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
-            "max_ms": max(latencies)}
+            "max_ms": max(latencies), "lost": lost}
 
 
 def main() -> None:

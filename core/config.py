@@ -84,6 +84,9 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         Option("--min-speech-ms", 250,
                "speech needed before it counts (barge-in and utterance)", type=int),
         Option("--max-utterance-s", 30.0, "longest utterance; longer speech is cut", type=float),
+        Option("--media-nice", -10,
+               "CPU priority (nice) the media actor asks for, so its 20 ms clock beats model "
+               "inference; needs root or CAP_SYS_NICE below 0", type=int),
     ),
     "asr": (
         Option("--asr-backend", "faster-whisper", "speech recognition backend",
@@ -114,6 +117,12 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         Option("--llm-timeout", 30.0, "seconds before an endpoint request is abandoned", type=float),
         Option("--llm-retries", 2,
                "extra attempts after a rate limit, server error or refused connection", type=int),
+        Option("--llm-threads", 1,
+               "CPU threads of the local model (0: torch's default); 1 leaves the other core to "
+               "speech recognition and synthesis", type=int),
+        Option("--llm-cache-sessions", 4,
+               "sessions whose computed prompt the local model keeps, so a turn only computes "
+               "what is new", type=int),
         Option("--cache-dir", "cache", "where converted models are kept"),
     ),
     "tts": (
@@ -131,6 +140,7 @@ GROUPS: dict[str, tuple[Option, ...]] = {
                type=_bool),
         Option("--ready-timeout", 180.0, "seconds to wait for every actor to report ready",
                type=float),
+        Option("--model-nice", 5, "CPU priority (nice) of the asr, llm and tts actors", type=int),
     ),
 }
 
