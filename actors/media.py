@@ -25,7 +25,6 @@ from aiortc import RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from actors.runtime import Actor, StartupError, main
-from core.priority import set_niceness
 from bus.schema import (
     CONTROL,
     OPUS_PACKET,
@@ -38,6 +37,7 @@ from bus.schema import (
     OpusPacket,
     Utterance,
 )
+from core.priority import set_niceness
 from rtc.listener import Listener
 from rtc.outbound import OpusTrack
 from rtc.peer import (
