@@ -91,3 +91,15 @@ def test_a_link_target_is_held_back_until_it_closes() -> None:
 def test_speakable() -> None:
     assert speakable("  Hi \n there 🙂 ") == "Hi there"
     assert speakable(" ... ") == ""
+
+
+def test_a_long_first_sentence_without_commas_is_cut_before_a_conjunction():
+    assert split_text("The sky on a clear day is usually blue and the sky above us can be grey.") == [
+        "The sky on a clear day is usually blue", "and the sky above us can be grey."]
+    # too early in the sentence, or not the first sentence: no cut
+    assert split_text("Cats and dogs are pets.") == ["Cats and dogs are pets."]
+    assert split_text("Yes. The sky on a clear day is usually blue and the sea is too.") == [
+        "Yes.", "The sky on a clear day is usually blue and the sea is too."]
+    # "andrew" is no conjunction
+    assert split_text("My best friend from the old school is called andrew smith.") == [
+        "My best friend from the old school is called andrew smith."]

@@ -4,7 +4,9 @@ Text-to-speech starts on a whole sentence, so the first one should be released t
 complete, but not before: a period is not always a sentence end ("Mr. Smith", "3.14", "e.g.",
 "example.com", a list's "1."). Markdown the model writes out of habit is removed first, since a
 voice must not read asterisks, hashes, code or link targets. When the first sentence runs long,
-its first clause is released on its own so that speech starts sooner.
+its first clause is released on its own so that speech starts sooner: at a comma, semicolon,
+colon or spaced dash, or, when there is none, before a conjunction ("and", "but", "because"...)
+once enough words have come.
 
 Two streaming stages: :class:`MarkdownStripper` (line-aware, holds back only unfinished markup)
 feeds :class:`SentenceSplitter` (holds back only an undecided boundary). :class:`SpeechChunker`
@@ -191,6 +193,13 @@ def speakable(text: str) -> str:
     return text if _SPEAKABLE.search(text) else ""
 
 
+# A clause may begin at these words; cutting before one keeps both halves natural to speak.
+_CONJUNCTIONS = frozenset({"and", "but", "because", "so", "while", "which", "although", "though",
+                           "whereas", "or", "until", "unless"})
+_NEXT_WORD = re.compile(r"[A-Za-z']+")
+CONJUNCTION_EXTRA_WORDS = 2  # a conjunction cut needs a longer first clause than a comma cut
+
+
 class SentenceSplitter:
     """Streaming sentence boundaries over clean text (see the module docstring)."""
 
@@ -245,8 +254,19 @@ class SentenceSplitter:
             if (not self._released and (c in _CLAUSE_BREAKS or (c in "-–" and self._dash(buf, i)))
                     and self._clause_end(buf, start, i)):
                 return i + 1
+            if not self._released and c == " " and self._before_conjunction(buf, start, i):
+                return i
             i += 1
         return None
+
+    def _before_conjunction(self, buf: str, start: int, i: int) -> bool:
+        """``buf[i]`` is the space before a conjunction that opens the long first sentence's
+        next clause ("The sky is blue | and the sea is too")."""
+        words = buf[start:i].split()
+        if len(words) < self.first_clause_words + CONJUNCTION_EXTRA_WORDS:
+            return False
+        match = _NEXT_WORD.match(buf, i + 1)
+        return bool(match and match.end() < len(buf) and match.group(0).lower() in _CONJUNCTIONS)
 
     def _is_end(self, buf: str, start: int, i: int, j: int, final: bool) -> bool | None:
         """Whether the terminator run ``buf[i:j]`` ends a sentence; None: undecidable yet."""
