@@ -79,7 +79,7 @@ class MediaActor(Actor):
 
     name = "media"
     topics = (OPUS_PACKET, CONTROL)
-    groups = ("media",)
+    groups = ("media", "ice")
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]

@@ -43,6 +43,7 @@ from bus.schema import (
     Token,
     Transcript,
 )
+from rtc.peer import parse_ice_servers
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
@@ -244,7 +245,7 @@ class Signaling(Actor):
 
     name: ClassVar[str] = "signaling"
     topics: ClassVar[tuple[str, ...]] = (CONTROL, TRANSCRIPT, TOKEN, SENTENCE, METRICS)
-    groups: ClassVar[tuple[str, ...]] = ("signaling",)
+    groups: ClassVar[tuple[str, ...]] = ("signaling", "ice")
     sharded: ClassVar[bool] = False
     description: ClassVar[str] = "Serves the call page and relays its WebSocket to the bus."
 
@@ -262,6 +263,14 @@ class Signaling(Actor):
     async def prepare(self) -> None:
         s = self.settings
         self._started = time.monotonic()
+        try:  # the page gets the same STUN/TURN servers as the media actor
+            self._ice_servers = [
+                {"urls": [server.urls] if isinstance(server.urls, str) else list(server.urls),
+                 **({"username": server.username, "credential": server.credential}
+                    if server.username else {})}
+                for server in parse_ice_servers(s.ice_servers)]
+        except ValueError as exc:
+            raise StartupError(f"--ice-servers: {exc}") from None
         tls = None
         if s.https or not is_loopback(s.host):
             tls = await asyncio.to_thread(self._tls_context)
@@ -336,7 +345,8 @@ class Signaling(Actor):
         self.publish(Control(session=peer.session, kind=ControlKind.SESSION_START,
                              actor=self.name, instance=self.bus.instance))
         log.info("session_open", remote=peer.remote, sessions=len(self.peers))
-        peer.send({"type": "session", "session": peer.session, "server_time": time.time()})
+        peer.send({"type": "session", "session": peer.session, "server_time": time.time(),
+                   "ice_servers": self._ice_servers})
         close_reason = "page_closed"
         try:
             async with asyncio.TaskGroup() as tg:

@@ -70,9 +70,12 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         Option("--key", "", "TLS private key (PEM) for --cert"),
         Option("--cert-dir", ".certs", "where a generated self-signed certificate is kept"),
     ),
-    "media": (
+    "ice": (
         Option("--ice-servers", "",
-               "comma-separated STUN/TURN URLs (turn:user:pass@host:port); empty on loopback"),
+               "comma-separated STUN/TURN URLs (turn:user:pass@host:port), used by the server "
+               "and handed to the page; empty on loopback"),
+    ),
+    "media": (
         Option("--ice-loopback", True,
                "offer 127.0.0.1 as an ICE candidate (needed for calls on this machine)", type=_bool),
         Option("--turn-mode", "vad", "how a user's turn ends by default", choices=("vad", "ptt")),

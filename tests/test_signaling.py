@@ -237,3 +237,18 @@ async def test_https_with_a_generated_self_signed_certificate(broker, actors, tm
         with pytest.raises(aiohttp.ClientError):  # plain HTTP is not served
             async with http.get(f"http://{host}/healthz") as resp:
                 await resp.read()
+
+
+async def test_the_page_gets_the_servers_ice_servers_and_bad_ones_stop_start_up(broker, actors):
+    servers = "stun:stun.example.org:3478,turn:alice:s3cret@turn.example.org:3478?transport=tcp"
+    host = await start_signaling(actors, "--ice-servers", servers)
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"ws://{host}/ws")
+        event = await next_event(ws, "session")
+    assert event["ice_servers"] == [
+        {"urls": ["stun:stun.example.org:3478"]},
+        {"urls": ["turn:turn.example.org:3478?transport=tcp"], "username": "alice",
+         "credential": "s3cret"},
+    ]
+    with pytest.raises(RuntimeError, match="ice-servers"):
+        await start_signaling(actors, "--ice-servers", "turn:turn.example.org:3478")

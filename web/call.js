@@ -106,6 +106,7 @@ export class Call extends EventTarget {
     switch (msg.type) {
       case "session":
         this.session = msg.session;
+        this.iceServers = Array.isArray(msg.ice_servers) ? msg.ice_servers : [];
         this.dispatchEvent(new CustomEvent("session", { detail: { session: msg.session } }));
         this.#ping();
         this.pingTimer = setInterval(() => this.#ping(), PING_EVERY_MS);
@@ -143,7 +144,7 @@ export class Call extends EventTarget {
   }
 
   async #offer(gen) {
-    const pc = new RTCPeerConnection({ iceServers: [] });
+    const pc = new RTCPeerConnection({ iceServers: this.iceServers || [] });
     this.pc = pc;
     pc.onconnectionstatechange = () => this.#onPcState(gen);
     pc.ontrack = (ev) => {
