@@ -74,7 +74,8 @@ class LLMActor(Actor):
             api_key=settings.llm_api_key, model=settings.llm_model, device=settings.llm_device,
             max_tokens=max(1, settings.llm_max_tokens), image_detail=settings.llm_image_detail,
             timeout=max(0.1, settings.llm_timeout), retries=max(0, settings.llm_retries),
-            cache_dir=settings.cache_dir)
+            cache_dir=settings.cache_dir, threads=max(0, settings.llm_threads),
+            cache_sessions=max(0, settings.llm_cache_sessions))
         self.backend: LLMBackend | None = None
         self._sessions: dict[str, SessionState] = {}
         self._told_blind = False
@@ -83,7 +84,7 @@ class LLMActor(Actor):
         try:
             backend = make_backend(self.spec)
             await backend.load()
-            await backend.warm()
+            await backend.warm(self._system_prompt(backend))
         except ModelUnavailable as exc:
             raise StartupError(str(exc)) from None
         self.backend = backend
@@ -108,6 +109,11 @@ class LLMActor(Actor):
     async def session_ended(self, session: str) -> None:
         self.jobs.cancel(session)
         self._sessions.pop(session, None)
+        if self.backend is not None:
+            self.backend.forget(session)
+
+    def _system_prompt(self, backend: LLMBackend) -> str:
+        return self.settings.llm_system_prompt or default_prompt(backend.can_see)
 
     def _state(self, session: str) -> SessionState:
         state = self._sessions.get(session)
@@ -116,6 +122,8 @@ class LLMActor(Actor):
                 oldest = next(iter(self._sessions))
                 self.jobs.cancel(oldest)
                 del self._sessions[oldest]
+                if self.backend is not None:
+                    self.backend.forget(oldest)
             state = SessionState(History(self.settings.llm_history_turns))
             self._sessions[session] = state
         return state
@@ -139,8 +147,7 @@ class LLMActor(Actor):
                           note="this model takes no pictures: frames are ignored")
         state.turn = msg.turn
         state.commit()  # the previous reply, however far it got
-        system = self.settings.llm_system_prompt or default_prompt(self.backend.can_see)
-        messages = state.history.messages(system, msg.text)
+        messages = state.history.messages(self._system_prompt(self.backend), msg.text.strip())
         exchange = state.pending = Exchange(msg.text)
         self.jobs.start(msg.session, msg.turn,
                         self._reply(msg, state, exchange, messages, image, time.time()))
@@ -176,7 +183,8 @@ class LLMActor(Actor):
         log.info("llm_turn", chars=len(msg.text), history=len(state.history),
                  image=image is not None)
         try:
-            async with contextlib.aclosing(self.backend.stream(messages, image)) as stream:
+            async with contextlib.aclosing(
+                    self.backend.stream(messages, image, session=session)) as stream:
                 async for delta in stream:
                     if not live():
                         return
@@ -195,6 +203,10 @@ class LLMActor(Actor):
                 say("", final=True)
             log.info("llm_reply", tokens=counts["token"], sentences=counts["sentence"],
                      ms=round((time.time() - received) * 1000))
+            state.commit(exchange)
+            if live():  # while the reply is spoken, the backend may compute the next prompt
+                self.backend.prepare(session, state.history.prefix(self._system_prompt(
+                    self.backend)))
         except asyncio.CancelledError:
             log.info("llm_interrupted", tokens=counts["token"], sentences=counts["sentence"])
             raise

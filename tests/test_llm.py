@@ -303,6 +303,12 @@ async def test_bundled_local_model_answers_streamed_and_stops(broker, actors):
     log = proc.output()
     assert log.count("llm_cannot_see") == 1  # said once, and the picture was not used
     assert "llm_interrupted" in log
+    # Every turn reused computed prompt: the system prompt's from the warm-up, then the
+    # session's own (the fast path's key/value caches).
+    generated = [line for line in log.splitlines()
+                 if "llm_generated" in line and "session=l " in line + " "]
+    reused = [int(line.split("reused=")[1].split()[0]) for line in generated]
+    assert len(reused) == 3 and min(reused) > 30
 
 
 @pytest.mark.slow

@@ -51,6 +51,9 @@ class BackendSpec:
     timeout: float = 30.0  # seconds without an answer before a request is abandoned
     retries: int = 2  # extra attempts after a rate limit, server error or refused connection
     cache_dir: str = "cache"
+    threads: int = 1  # CPU threads for the local model (0: torch's default)
+    cache_sessions: int = 4  # sessions whose key/value cache the local model keeps
+    fast: bool = True  # the lean Llama pass (local); False: always transformers ``generate``
 
     @property
     def resolved(self) -> str:
@@ -70,16 +73,28 @@ class LLMBackend(Protocol):
         """Load (and convert, the first time) the model; raises :class:`ModelUnavailable`."""
         ...
 
-    async def warm(self) -> None:
-        """One tiny generation, so the first real turn pays no start-up cost."""
+    async def warm(self, system: str = "") -> None:
+        """One tiny generation under the system prompt ``system``, so the first real turn pays
+        no start-up cost (a local model also keeps the prompt's computed prefix)."""
         ...
 
     def stream(self, messages: list[ChatMessage], image: bytes | None = None,
-               ) -> AsyncIterator[str]:
+               session: str | None = None) -> AsyncIterator[str]:
         """Text deltas of the reply to ``messages``; ``image`` (JPEG) goes with the last one.
 
-        Raises :class:`LLMError` for every failure a user should hear about.
+        ``session`` lets a backend keep state between the turns of one call (the local model
+        its key/value cache) until :meth:`forget`. Raises :class:`LLMError` for every failure
+        a user should hear about.
         """
+        ...
+
+    def prepare(self, session: str, messages: list[ChatMessage]) -> None:
+        """The next request of ``session`` will start with ``messages``: a backend may compute
+        what it can now (the local model, its key/value cache). Never blocks."""
+        ...
+
+    def forget(self, session: str) -> None:
+        """Drop whatever is kept for ``session`` (its call ended); never blocks."""
         ...
 
     async def aclose(self) -> None:

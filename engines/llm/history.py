@@ -55,9 +55,12 @@ class History:
 
     def messages(self, system: str, user: str) -> list[ChatMessage]:
         """The chat to send for a new ``user`` message."""
+        return [*self.prefix(system), ChatMessage(role="user", content=user)]
+
+    def prefix(self, system: str) -> list[ChatMessage]:
+        """What the chat for the next user message will start with."""
         out: list[ChatMessage] = [ChatMessage(role="system", content=system)] if system else []
         for past_user, past_reply in self._turns:
             out.append(ChatMessage(role="user", content=past_user))
             out.append(ChatMessage(role="assistant", content=past_reply))
-        out.append(ChatMessage(role="user", content=user))
         return out

