@@ -31,6 +31,9 @@ MAX_SESSIONS = 512  # state kept for sessions whose end was never announced
 FAILED_SPOKEN = "Sorry, something went wrong on my side. Please try again."
 
 
+SCREEN_NOTE = "(The picture is my shared screen, not my camera.)"
+
+
 @dataclass(slots=True)
 class Exchange:
     """The user's words of a turn and the reply produced for them so far."""
@@ -148,6 +151,10 @@ class LLMActor(Actor):
         state.turn = msg.turn
         state.commit()  # the previous reply, however far it got
         messages = state.history.messages(self._system_prompt(self.backend), msg.text.strip())
+        if image is not None and frame is not None and frame.kind == "screen":
+            # Said to this request only (history keeps the words): the picture is no face.
+            messages[-1] = {**messages[-1],
+                            "content": f"{SCREEN_NOTE} {messages[-1]['content']}"}
         exchange = state.pending = Exchange(msg.text)
         self.jobs.start(msg.session, msg.turn,
                         self._reply(msg, state, exchange, messages, image, time.time()))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from actors.llm import SCREEN_NOTE
 from bus.schema import (
     CONTROL,
     METRICS,
@@ -131,15 +132,25 @@ async def test_reply_streams_in_order_with_image_and_history(broker, actors):
                 {"role": "user", "content": "And now?"}]
             assert "image_url" not in json.dumps(stub.requests[1].body)
 
+            # A shared screen is said to be one, in that request only
+            bus.publish(Frame(session="s1", turn=3, jpeg=picture, width=64, height=48,
+                              kind="screen"))
+            await asyncio.sleep(0.3)
+            bus.publish(Transcript(session="s1", turn=3, text="Read this."))
+            await reply(bus, "s1", 3)
+            text_part, _ = stub.requests[2].messages[-1]["content"]
+            assert text_part["text"] == f"{SCREEN_NOTE} Read this."
+            assert all(SCREEN_NOTE not in str(m["content"]) for m in stub.requests[2].messages[:-1])
+
             # Another session has its own history; the end of a session clears its own.
             bus.publish(Transcript(session="s2", turn=1, text="Hi"))
             await reply(bus, "s2", 1)
-            assert stub.requests[2].messages[1:] == [{"role": "user", "content": "Hi"}]
+            assert stub.requests[3].messages[1:] == [{"role": "user", "content": "Hi"}]
             bus.publish(Control(session="s1", kind=ControlKind.SESSION_END))
             await asyncio.sleep(0.3)
             bus.publish(Transcript(session="s1", turn=3, text="Hello again"))
             await reply(bus, "s1", 3)
-            assert stub.requests[3].messages[1:] == [{"role": "user", "content": "Hello again"}]
+            assert stub.requests[4].messages[1:] == [{"role": "user", "content": "Hello again"}]
 
 
 async def test_endpoint_errors_become_error_events_and_a_spoken_apology(broker, actors):
