@@ -31,7 +31,6 @@ from bus.schema import CONTROL, NO_SESSION, Control, ControlKind
 from core import config, logs
 
 ACTORS = ("asr", "llm", "tts", "media", "signaling")  # start order: slow model loads first
-MODEL_ACTORS = ("asr", "llm", "tts")  # started at --model-nice: the media clock comes first
 STOP_ORDER = (("signaling",), ("media",), ("llm", "tts", "asr"))  # front door first
 STOP_GRACE_S = 3.0
 BACKOFF_FIRST_S = 0.5
@@ -90,6 +89,7 @@ class Supervisor:
                     "PYTHONUNBUFFERED": "1"}
         self.env.pop("PARLEY_INSTANCE", None)
         self.host = socket.gethostname().split(".")[0]
+        self.niceness = parse_niceness(settings.nice)
 
     # -- processes
 
@@ -102,7 +102,7 @@ class Supervisor:
             *child.argv, env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_child_setup(self.settings.model_nice if child.name in MODEL_ACTORS else 0))
+            preexec_fn=_child_setup(self.niceness.get(child.name, 0)))
         child.started = time.monotonic()
         child.last_beat = child.started
         self.log.info("process_started", process=child.name, pid=child.proc.pid,
@@ -278,6 +278,17 @@ class Supervisor:
                                    for n in tier if n in self.children))
         if self.broker is not None:
             await self._stop_child(self.broker)
+
+
+def parse_niceness(text: str) -> dict[str, int]:
+    """``asr=2,llm=6`` -> {"asr": 2, "llm": 6}; a clear error for anything else."""
+    out: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name not in ACTORS or not value.lstrip("-").isdigit():
+            raise SystemExit(f"--nice: expected ACTOR=NUMBER pairs ({', '.join(ACTORS)}), got {item!r}")
+        out[name] = int(value)
+    return out
 
 
 def available_actors() -> list[str]:

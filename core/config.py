@@ -143,7 +143,10 @@ GROUPS: dict[str, tuple[Option, ...]] = {
                type=_bool),
         Option("--ready-timeout", 180.0, "seconds to wait for every actor to report ready",
                type=float),
-        Option("--model-nice", 5, "CPU priority (nice) of the asr, llm and tts actors", type=int),
+        Option("--nice", "asr=2,tts=2,llm=6",
+               "CPU priority (nice) of actors started here, name=value,...: the LLM, which keeps "
+               "generating while the first sentence is spoken, yields to speech recognition and "
+               "synthesis"),
     ),
 }
 

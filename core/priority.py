@@ -2,8 +2,9 @@
 
 On a small machine the speech models (ASR, LLM, TTS) keep every core busy during a turn, while
 the media actor must wake every 20 ms to release a packet. The supervisor starts model actors at
-a lower priority (a higher nice value, allowed to anyone) and the media actor asks for a higher
-one (allowed to root or with CAP_SYS_NICE; otherwise it says so and carries on).
+a lower priority (a higher nice value, allowed to anyone; ``--nice``), the LLM lowest since it
+goes on generating while the first sentence is synthesised, and the media actor asks for a
+higher one (allowed to root or with CAP_SYS_NICE; otherwise it says so and carries on).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from engines.tts.bridge import Put, run_in_thread
 from engines.tts.opus_encoder import OpusStreamEncoder
 
 WARM_UP_TEXT = "Hello."
+FEED_PER_S = 10  # a synthesised span is resampled and encoded a tenth of a second at a time
 
 
 def voice_paths(voice: str) -> tuple[Path, Path]:
@@ -96,7 +97,10 @@ class PiperBackend(TtsBackend):
             for chunk in self._voice.synthesize(piece, syn_config=self._syn_config):
                 if stop.is_set():
                     return
-                for packet in encoder.feed(chunk.audio_float_array):
-                    put(packet)
+                audio = chunk.audio_float_array
+                step = self.sample_rate // FEED_PER_S  # packets leave as soon as each is encoded
+                for start in range(0, len(audio), step):
+                    for packet in encoder.feed(audio[start:start + step]):
+                        put(packet)
         for packet in encoder.finish():
             put(packet)
