@@ -41,6 +41,7 @@ from engines.llm.prefix_cache import PrefixCaches, common_prefix
 
 _DONE = object()  # end of a generation, sent by the worker thread
 WARM_TOKENS = 2
+LOOKAHEAD_DELAY_S = 2.0  # the look-ahead prefill waits while the reply starts to be spoken
 REPETITION_PENALTY = 1.1  # greedy decoding, lightly discouraged from repeating itself
 
 
@@ -328,6 +329,12 @@ class LocalBackend:
 
         from engines.llm.llama_fast import Stopped
 
+        # First let the reply's first sentence be synthesised: the CPU is the voice's now.
+        deadline = time.monotonic() + LOOKAHEAD_DELAY_S
+        while time.monotonic() < deadline:
+            if halt.is_set():
+                return
+            time.sleep(0.02)
         cache = self._caches.get(session)
         if cache is None or halt.is_set():
             return
