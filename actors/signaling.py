@@ -43,6 +43,7 @@ from bus.schema import (
     Token,
     Transcript,
 )
+from core.net import is_loopback_host
 from rtc.peer import parse_ice_servers
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -179,15 +180,6 @@ def event_for(msg: Message) -> dict[str, Any] | None:
     return None
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def ensure_certificate(cert_dir: Path, host: str) -> tuple[Path, Path]:
     """A self-signed certificate for ``host`` (and localhost), made once and reused."""
     import datetime
@@ -272,7 +264,7 @@ class Signaling(Actor):
         except ValueError as exc:
             raise StartupError(f"--ice-servers: {exc}") from None
         tls = None
-        if s.https or not is_loopback(s.host):
+        if s.https or not is_loopback_host(s.host):
             tls = await asyncio.to_thread(self._tls_context)
         app = web.Application(middlewares=[_headers])
         app.router.add_get("/", self._index)

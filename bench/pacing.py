@@ -23,7 +23,6 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from fractions import Fraction
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from core.priority import set_niceness
 from rtc.listener import Listener
 from rtc.outbound import OpusTrack, Release
 from rtc.vad import EndpointConfig, SileroVad
+from tests.speech import opus_packets
 
 RATE = 48_000
 PTIME = 960
@@ -101,22 +101,9 @@ def receiver(conn: Connection, until: float) -> None:
 
 
 def opus_tone(seconds: float) -> list[bytes]:
-    codec = av.CodecContext.create("libopus", "w")
-    codec.sample_rate = RATE
-    codec.layout = "mono"
-    codec.format = "s16"
-    codec.bit_rate = 48_000
-    codec.time_base = Fraction(1, RATE)
+    """A 330 Hz tone as the 20 ms Opus packets a TTS would publish."""
     t = np.arange(int(seconds * RATE)) / RATE
-    pcm = (np.sin(2 * np.pi * 330 * t) * 8000).astype(np.int16)
-    out: list[bytes] = []
-    for i in range(len(pcm) // PTIME):
-        frame = av.AudioFrame.from_ndarray(pcm[i * PTIME:(i + 1) * PTIME].reshape(1, -1),
-                                           format="s16", layout="mono")
-        frame.sample_rate = RATE
-        frame.pts = i * PTIME
-        out += [bytes(p) for p in codec.encode(frame)]
-    return out
+    return opus_packets((np.sin(2 * np.pi * 330 * t) * 8000).astype(np.int16), RATE)
 
 
 async def fake_tts(track: OpusTrack, packets: list[bytes], until: float) -> None:

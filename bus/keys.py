@@ -10,7 +10,6 @@ keys is refused, so nobody exposes an open bus by accident.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import shutil
 import sys
 from pathlib import Path
@@ -19,6 +18,8 @@ from urllib.parse import urlparse
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+
+from core.net import is_loopback_host
 
 BROKER = "broker"
 CLIENT = "client"
@@ -33,13 +34,7 @@ def is_loopback(endpoint: str) -> bool:
     """True for tcp endpoints on 127.0.0.0/8, ::1 or localhost, and for ipc/inproc."""
     if not endpoint.startswith("tcp://"):
         return True
-    host = urlparse(endpoint).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(urlparse(endpoint).hostname or "")
 
 
 def check(endpoints: list[str], keys_dir: str) -> Path | None:

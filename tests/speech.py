@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import wave
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +43,25 @@ def write_wav(path: Path, pcm: np.ndarray, rate: int, channels: int = 1) -> Path
         w.setframerate(rate)
         w.writeframes(pcm.astype("<i2").tobytes())
     return path
+
+
+def opus_packets(pcm: np.ndarray, rate: int = 48_000) -> list[bytes]:
+    """int16 mono PCM at 48 kHz as raw 20 ms Opus packets (libopus), as the TTS actor sends."""
+    import av
+
+    codec = av.CodecContext.create("libopus", "w")
+    codec.sample_rate = rate
+    codec.layout = "mono"
+    codec.format = "s16"
+    codec.bit_rate = 48_000
+    codec.time_base = Fraction(1, rate)
+    step = rate // 50
+    packets: list[bytes] = []
+    for start in range(0, len(pcm) - step + 1, step):
+        frame = av.AudioFrame.from_ndarray(pcm[start:start + step].reshape(1, -1).astype(np.int16),
+                                           format="s16", layout="mono")
+        frame.sample_rate = rate
+        frame.pts = start
+        packets += [bytes(p) for p in codec.encode(frame)]
+    packets += [bytes(p) for p in codec.encode(None)]
+    return packets

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -24,7 +23,6 @@ from bus.client import BusClient
 from bus.schema import (
     CONTROL,
     FRAME,
-    OPUS_RATE,
     UTTERANCE,
     Control,
     ControlKind,
@@ -38,7 +36,7 @@ from bus.schema import (
 )
 from tests import harness
 from tests.browser import Chromium, Page, available
-from tests.speech import say, silence, write_wav
+from tests.speech import opus_packets, say, silence, write_wav
 
 pytestmark = [
     pytest.mark.browser,
@@ -87,24 +85,6 @@ def question(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray
 @pytest.fixture(scope="module")
 def quiet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_wav(tmp_path_factory.mktemp("mic") / "quiet.wav", silence(1.0, 48_000), 48_000)
-
-
-def opus_packets(pcm: np.ndarray) -> list[bytes]:
-    """``pcm`` (int16 mono 48 kHz) as raw Opus packets of 20 ms, as the TTS actor sends them."""
-    codec = av.CodecContext.create("libopus", "w")
-    codec.sample_rate = OPUS_RATE
-    codec.layout = "mono"
-    codec.format = "s16"
-    codec.bit_rate = 48_000
-    packets: list[bytes] = []
-    for start in range(0, len(pcm) - 959, 960):
-        frame = av.AudioFrame.from_ndarray(pcm[start:start + 960].reshape(1, -1), format="s16",
-                                           layout="mono")
-        frame.sample_rate = OPUS_RATE
-        frame.pts = start
-        packets += [bytes(p) for p in codec.encode(frame)]
-    packets += [bytes(p) for p in codec.encode(None)]
-    return packets
 
 
 def publish_reply(bus: BusClient, session: str, turn: int, packets: list[bytes]) -> float:

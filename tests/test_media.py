@@ -46,7 +46,7 @@ from rtc.outbound import OPUS_SILENCE, OpusTrack, Release
 from rtc.peer import keep_loopback_candidates, parse_ice_servers
 from rtc.vad import CHUNK, End, EndpointConfig, Endpointer, Onset
 from tests import harness
-from tests.speech import say
+from tests.speech import opus_packets, say
 
 RATE = 48_000
 PTIME = 960  # samples per 20 ms frame
@@ -238,25 +238,6 @@ def spoken_seconds(pcm: np.ndarray, rate: int) -> float:
     """Length of the part of ``pcm`` that is not near-silence."""
     loud = np.nonzero(np.abs(pcm.astype(np.int32)) > 300)[0]
     return (loud[-1] - loud[0]) / rate
-
-
-def opus_packets(pcm: np.ndarray) -> list[bytes]:
-    """48 kHz mono int16 -> 20 ms Opus packets (what the TTS actor publishes)."""
-    codec = av.CodecContext.create("libopus", "w")
-    codec.sample_rate = RATE
-    codec.layout = "mono"
-    codec.format = "s16"
-    codec.bit_rate = 48_000
-    codec.time_base = Fraction(1, RATE)
-    packets: list[bytes] = []
-    for i in range(len(pcm) // PTIME):
-        frame = av.AudioFrame.from_ndarray(pcm[i * PTIME:(i + 1) * PTIME].reshape(1, -1),
-                                           format="s16", layout="mono")
-        frame.sample_rate = RATE
-        frame.pts = i * PTIME
-        packets += [bytes(p) for p in codec.encode(frame)]
-    packets += [bytes(p) for p in codec.encode(None)]
-    return packets
 
 
 def tone(seconds: float, hz: float = 440.0) -> np.ndarray:
