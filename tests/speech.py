@@ -1,4 +1,5 @@
-"""Real speech for tests and benchmarks: the bundled Piper voice saying known sentences."""
+"""Real speech for tests and benchmarks: the bundled Piper voice saying known sentences
+(deterministically: the same text gives the same samples on every run)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,12 @@ def _voice():
 @functools.cache
 def say(text: str, rate: int = 16_000) -> np.ndarray:
     """``text`` spoken by Piper as int16 mono PCM at ``rate``."""
+    from piper import SynthesisConfig
+
     voice = _voice()
-    chunks = list(voice.synthesize(text))
+    # No sampling noise: the same text is the same audio on every run, so tests repeat exactly.
+    chunks = list(voice.synthesize(text, syn_config=SynthesisConfig(noise_scale=0.0,
+                                                                    noise_w_scale=0.0)))
     pcm = np.concatenate([c.audio_int16_array for c in chunks]).astype(np.float32) / 32768
     source_rate = chunks[0].sample_rate
     if source_rate != rate:
