@@ -210,12 +210,12 @@ class TurnSpeech:
                 await asyncio.sleep(lead - MAX_LEAD_S)
         if self._actor.turns.current(self.session) != self.turn:
             return  # superseded (the runtime cancels this job first; never publish stale audio)
+        now = time.time()  # taken before publishing: media may send the packet at once
         self._actor.publish(OpusPacket(session=self.session, turn=self.turn, packet=packet.data,
                                        index=self._packets, samples=packet.samples,
                                        sentence=sentence.index, final=final))
         if self._first_mono is None:
             self._first_mono = time.monotonic()
-            now = time.time()
             ms = (now - self._received_at) * 1000
             self._actor.publish(Metric(session=self.session, turn=self.turn,
                                        stage="first_packet", at=now, ms=ms))
