@@ -56,11 +56,9 @@ class Listener:
         if self._carry.size:
             audio = np.concatenate([self._carry, audio])
         whole = len(audio) - len(audio) % CHUNK
-        vad = self._endpointer.mode == "vad"
-        for start in range(0, whole, CHUNK):
+        for start in range(0, whole, CHUNK):  # both modes: push-to-talk listens for pauses too
             chunk = audio[start:start + CHUNK]
-            prob = self._vad(chunk) if vad else None
-            events += self._endpointer.feed(chunk, prob, now)
+            events += self._endpointer.feed(chunk, self._vad(chunk), now)
         self._carry = audio[whole:].copy()
         return events
 

@@ -8,6 +8,11 @@ the 64-sample context, exactly as ``silero_vad.OnnxWrapper`` does.
 :class:`Endpointer` turns audio (+ probabilities in hands-free mode, or talk presses in
 push-to-talk mode) into :class:`Onset` and :class:`End` events. It is plain synchronous code,
 fed by one thread at a time.
+
+Push-to-talk listens to the VAD too, to answer sooner without ever cutting the user off: while
+the button is held, a pause after speech ends the turn early (answered, played only once the
+button is released, void if the user speaks again), and a release after the speech has already
+stopped ends the turn at once instead of waiting for the audio still in flight.
 """
 
 from __future__ import annotations
@@ -129,6 +134,7 @@ class EndpointConfig:
     pre_roll_s: float = 0.3  # audio kept from before the onset (speech starts softly)
     tail_s: float = 0.1  # audio kept after the last speech (hands-free; silero lags ~60 ms)
     ptt_tail_s: float = 0.2  # audio kept after a talk release (still in flight)
+    ptt_quiet_s: float = 0.15  # push-to-talk: silence before a release that makes it final at once
     pending_gap_s: float = 0.2  # silence that cancels a not-yet-confirmed onset
     rate: int = PCM_RATE
 
@@ -207,6 +213,12 @@ class Endpointer:
         take = self._take
         if self.mode != "ptt" or take is None or take.stop_after is not None:
             return []
+        if take.early_sent:  # answered already, and nothing was said since
+            return self._finish(now)
+        if (take.speech >= self._s(self.config.min_speech_s)
+                and take.silence_run >= self._s(self.config.ptt_quiet_s)):
+            # the user stopped speaking before letting go: what is in flight is silence too
+            return self._finish(now, limit=take.voiced_until + self._s(self.config.tail_s))
         take.stop_after = self._s(self.config.ptt_tail_s)
         take.stop_at = now
         take.speech_end = now
@@ -223,28 +235,66 @@ class Endpointer:
     # -- audio
 
     def feed(self, chunk: np.ndarray, prob: float | None, now: float) -> list[Event]:
-        """One chunk of audio ending at wall-clock ``now``; ``prob`` is required in vad mode."""
+        """One chunk of audio ending at wall-clock ``now``; ``prob`` is required in vad mode
+        (in ptt mode, without it a release always waits for the audio in flight)."""
         if self.mode == "ptt":
-            return self._feed_ptt(chunk, now)
+            return self._feed_ptt(chunk, prob, now)
         return self._feed_vad(chunk, prob or 0.0, now)
 
-    def _feed_ptt(self, chunk: np.ndarray, now: float) -> list[Event]:
+    def _feed_ptt(self, chunk: np.ndarray, prob: float | None, now: float) -> list[Event]:
         take = self._take
+        self._voiced = self._is_voiced(prob)
         if take is None:
             return []
         take.add(chunk)
-        if take.stop_after is not None:
+        if take.stop_after is not None:  # released: the audio still in flight is the turn's
+            if self._voiced:
+                take.voiced_until = take.samples
             take.stop_after -= len(chunk)
             if take.stop_after <= 0:
                 return self._finish(now)
-        elif take.samples >= self._s(self.config.max_utterance_s):
+            return []
+        events = self._track_voice(take, chunk, now) if prob is not None else []
+        if take.samples >= self._s(self.config.max_utterance_s):
             take.speech_end = now
-            return self._finish(now, reason="max_length")
+            return events + self._finish(now, reason="max_length")
+        if take.speech >= self._s(self.config.min_speech_s):
+            events += self._early_end(take)
+        return events
+
+    def _is_voiced(self, prob: float | None) -> bool:
+        """Speech now: above the threshold, or continuing speech above the lower one."""
+        cfg = self.config
+        return prob is not None and (
+            prob >= cfg.threshold or (self._voiced and prob >= cfg.neg_threshold))
+
+    def _track_voice(self, take: _Take, chunk: np.ndarray, now: float) -> list[Event]:
+        """Count ``chunk`` as speech or silence; a Resume if it voids an early End."""
+        if not self._voiced:
+            take.silence_run += len(chunk)
+            return []
+        take.speech += len(chunk)
+        take.silence_run = 0
+        take.voiced_until = take.samples
+        take.speech_end = now
+        if take.early_sent:
+            take.early_sent = False
+            return [Resume(now)]
         return []
+
+    def _early_end(self, take: _Take) -> list[Event]:
+        """The early End of a take that has paused for ``early_s``, once per pause."""
+        cfg = self.config
+        if (cfg.early_s <= 0 or take.early_sent or take.silence_run < self._s(cfg.early_s)
+                or (take.reason == "vad" and cfg.early_s >= cfg.silence_s)):
+            return []
+        take.early_sent = True
+        limit = take.voiced_until + self._s(cfg.tail_s)
+        return [End(_to_pcm(take.chunks, limit), take.reason, take.speech_end, early=True)]
 
     def _feed_vad(self, chunk: np.ndarray, prob: float, now: float) -> list[Event]:
         cfg = self.config
-        self._voiced = prob >= cfg.threshold or (self._voiced and prob >= cfg.neg_threshold)
+        self._voiced = self._is_voiced(prob)
         take = self._take
         if take is None:
             if not self._voiced:
@@ -255,17 +305,7 @@ class Endpointer:
             self._pre_roll.clear()
             self._pre_samples = 0
         take.add(chunk)
-        events: list[Event] = []
-        if self._voiced:
-            take.speech += len(chunk)
-            take.silence_run = 0
-            take.voiced_until = take.samples
-            take.speech_end = now
-            if take.early_sent:
-                take.early_sent = False
-                events.append(Resume(now))
-        else:
-            take.silence_run += len(chunk)
+        events = self._track_voice(take, chunk, now)
         if not take.confirmed:
             if take.silence_run >= self._s(min(cfg.pending_gap_s, cfg.silence_s)):
                 self._take = None  # a click or a cough: forget it, keep it as pre-roll
@@ -281,12 +321,7 @@ class Endpointer:
         if take.samples >= self._s(cfg.max_utterance_s):
             take.speech_end = now
             return events + self._finish(now, reason="max_length")
-        if (0 < cfg.early_s < cfg.silence_s and not take.early_sent
-                and take.silence_run >= self._s(cfg.early_s)):
-            take.early_sent = True
-            limit = take.voiced_until + self._s(cfg.tail_s)
-            events.append(End(_to_pcm(take.chunks, limit), "vad", take.speech_end, early=True))
-        return events
+        return events + self._early_end(take)
 
     def _remember(self, chunk: np.ndarray) -> None:
         limit = self._s(self.config.pre_roll_s)
@@ -297,7 +332,8 @@ class Endpointer:
         while len(self._pre_roll) > 1 and self._pre_samples - len(self._pre_roll[0]) >= limit:
             self._pre_samples -= len(self._pre_roll.popleft())
 
-    def _finish(self, now: float, reason: str | None = None) -> list[Event]:
+    def _finish(self, now: float, reason: str | None = None,
+                limit: int | None = None) -> list[Event]:
         take = self._take
         self._take = None
         if take is None or not take.confirmed:
@@ -305,7 +341,6 @@ class Endpointer:
         if take.early_sent:  # its utterance is out already; the audio since is silence
             self._keep_tail(take)
             return [Confirm(now)]
-        limit = None
         if take.reason == "vad" and reason is None:
             limit = take.voiced_until + self._s(self.config.tail_s)
         pcm = _to_pcm(take.chunks, limit)
