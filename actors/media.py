@@ -45,6 +45,7 @@ from rtc.peer import (
     keep_loopback_candidates,
     offer_loopback_candidates,
     parse_ice_servers,
+    shorten_audio_jitter,
 )
 from rtc.snapshot import LatestFrame, encode_jpeg
 from rtc.vad import Confirm, End, EndpointConfig, Event, Onset, Resume, SileroVad
@@ -212,6 +213,8 @@ class MediaActor(Actor):
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
                 if not any(t.kind == "audio" for t in pc.getTransceivers()):
                     raise ValueError("it has no audio")
+                if not shorten_audio_jitter(pc):
+                    log.warning("audio_jitter_default", note="aiortc changed; +60 ms per turn")
                 pc.addTrack(call.track)
                 await pc.setLocalDescription(await pc.createAnswer())
             except Exception as exc:  # aiortc's SDP parser raises assorted types

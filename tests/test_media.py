@@ -43,7 +43,13 @@ from bus.schema import (
     Utterance,
 )
 from rtc.outbound import OPUS_SILENCE, OpusTrack, Release
-from rtc.peer import keep_loopback_candidates, parse_ice_servers
+from rtc.peer import (
+    AUDIO_JITTER_PREFETCH,
+    create_peer,
+    keep_loopback_candidates,
+    parse_ice_servers,
+    shorten_audio_jitter,
+)
 from rtc.vad import CHUNK, End, EndpointConfig, Endpointer, Onset
 from tests import harness
 from tests.speech import opus_packets, say
@@ -426,6 +432,21 @@ def test_offer_keeps_only_loopback_candidates_when_it_has_some():
     assert keep_loopback_candidates(remote_only) == remote_only
 
 
+async def test_inbound_audio_waits_for_one_newer_packet_not_four():
+    browser, server = create_peer([]), create_peer([])
+    try:
+        browser.addTransceiver("audio", direction="sendonly")
+        await browser.setLocalDescription(await browser.createOffer())
+        await server.setRemoteDescription(browser.localDescription)
+        (receiver,) = [t.receiver for t in server.getTransceivers() if t.kind == "audio"]
+        assert shorten_audio_jitter(server)  # fails loudly if aiortc renames its buffer
+        buffer = receiver._RTCRtpReceiver__jitter_buffer
+        assert buffer._prefetch == AUDIO_JITTER_PREFETCH == 1
+    finally:
+        await browser.close()
+        await server.close()
+
+
 async def test_outbound_track_flushes_drops_stale_turns_and_never_bursts():
     releases: list[Release] = []
     turns: list[tuple[str, int]] = []
@@ -497,3 +518,38 @@ def test_endpointer_early_end_is_confirmed_or_resumed():
     assert kinds == ["Onset", "End", "Resume", "End", "Confirm"], kinds
     final = events[3][1]
     assert final.early and len(final.pcm) // 2 == 49 * CHUNK + int(0.1 * cfg.rate)
+
+
+def test_push_to_talk_answers_a_pause_early_and_a_quiet_release_at_once():
+    cfg = EndpointConfig(threshold=0.5, min_speech_s=0.25, early_s=0.2, tail_s=0.1,
+                         ptt_tail_s=0.2, ptt_quiet_s=0.15)
+    chunk = np.full(CHUNK, 0.1, dtype=np.float32)
+
+    def held(probs: list[float]) -> tuple[Endpointer, list[object]]:
+        ep = Endpointer(cfg, mode="ptt")
+        events = ep.talk_start(0.0)
+        for i, p in enumerate(probs):
+            events += ep.feed(chunk, p, now=float(i))
+        return ep, events
+
+    # a pause while the button is held: early End after 224 ms, Confirm on the release
+    ep, events = held([0.9] * 20 + [0.1] * 10)
+    assert [type(e).__name__ for e in events] == ["Onset", "End"]
+    assert events[1].early and events[1].reason == "ptt"
+    assert len(events[1].pcm) // 2 == 20 * CHUNK + int(0.1 * cfg.rate)
+    assert [type(e).__name__ for e in ep.talk_stop(40.0)] == ["Confirm"]
+    # speaking again after the pause voids it; a release 160 ms into silence ends the turn at
+    # once with all the speech, without waiting for the audio in flight
+    ep, events = held([0.9] * 20 + [0.1] * 8 + [0.9] * 10 + [0.1] * 5)
+    assert [type(e).__name__ for e in events] == ["Onset", "End", "Resume"]
+    (end,) = ep.talk_stop(50.0)
+    assert isinstance(end, End) and not end.early and end.speech_end == 37.0
+    assert len(end.pcm) // 2 == 38 * CHUNK + int(0.1 * cfg.rate)
+    # released while speaking: the 200 ms in flight still belong to the turn
+    ep, events = held([0.9] * 20)
+    assert not ep.talk_stop(21.0)
+    tail = [e for _ in range(7) for e in ep.feed(chunk, 0.9, now=22.0)]
+    assert len(tail) == 1 and len(tail[0].pcm) // 2 == 27 * CHUNK
+    # no VAD at all (a whisper, a muted model): the release waits for the tail as before
+    ep, events = held([0.0] * 20)
+    assert not ep.talk_stop(21.0) and not [e for e in events if isinstance(e, End)]

@@ -148,6 +148,10 @@ export class Call extends EventTarget {
     this.pc = pc;
     pc.onconnectionstatechange = () => this.#onPcState(gen);
     pc.ontrack = (ev) => {
+      // Our packets are paced on a clock: play them as soon as they come, not after a cushion.
+      if (ev.track.kind === "audio" && "jitterBufferTarget" in ev.receiver) {
+        ev.receiver.jitterBufferTarget = 0;
+      }
       if (gen === this.generation) {
         this.dispatchEvent(new CustomEvent("track", { detail: { track: ev.track, streams: ev.streams } }));
       }
