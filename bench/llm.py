@@ -12,7 +12,7 @@ tokens not cached, and the first token); "TTFT" and "1st sentence" are seen from
 in the middle of a long prompt's prefill.
 
     .venv/bin/python bench/llm.py [--model ID_OR_FOLDER] [--max-tokens 64] [--threads 1]
-                                  [--paths fast,transformers]
+                                  [--paths fast,fast32,transformers]
 
 The last line is one JSON object with every figure.
 """
@@ -109,10 +109,11 @@ async def stop_latency(backend: LocalBackend, messages: list[ChatMessage],
     return elapsed
 
 
-async def run_path(args: argparse.Namespace, fast: bool) -> dict[str, object]:
+async def run_path(args: argparse.Namespace, path: str) -> dict[str, object]:
     backend = LocalBackend(BackendSpec(
         backend="local", model=args.model, device=args.device, max_tokens=args.max_tokens,
-        cache_dir=args.cache_dir, threads=args.threads, fast=fast))
+        cache_dir=args.cache_dir, threads=args.threads, fast=path != "transformers",
+        half_decode=path == "fast"))
     started = time.perf_counter()
     await backend.load()
     load_ms = (time.perf_counter() - started) * 1000
@@ -130,7 +131,10 @@ async def run_path(args: argparse.Namespace, fast: bool) -> dict[str, object]:
     stops_prefill = [await stop_latency(backend, long_prompt, after_s=STOP_PREFILL_AFTER)
                      for _ in range(3)]
     await backend.aclose()
-    path = "fast" if backend.fast is not None else "transformers"
+    if backend.fast is None:
+        path = "transformers"
+    elif path == "fast" and not backend.fast.half:
+        path = "fast32"  # no fp16 kernel in this torch
     out: dict[str, object] = {"path": path, "load_ms": round(load_ms), "warm_ms": round(warm_ms),
                               "stop_ms": round(max(stops), 1),
                               "stop_prefill_ms": round(max(stops_prefill), 1)}
@@ -162,15 +166,16 @@ async def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch default)")
-    parser.add_argument("--paths", default="fast,transformers",
-                        help="comma-separated: fast (lean Llama pass), transformers")
+    parser.add_argument("--paths", default="fast,fast32,transformers",
+                        help="comma-separated: fast (lean Llama pass, fp16 decode), fast32 "
+                             "(the same, fp32 decode), transformers")
     parser.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent.parent / "cache"))
     args = parser.parse_args()
     logs.configure("bench", level="warning")
 
     results = {}
     for path in args.paths.split(","):
-        results[path] = await run_path(args, fast=path == "fast")
+        results[path] = await run_path(args, path)
     load = os.getloadavg()[0]
     print(f"model {args.model or 'bundled SmolLM2-135M-Instruct'}, {args.threads} thread(s), "
           f"max {args.max_tokens} tokens; load average {load:.2f} at the end")

@@ -7,8 +7,12 @@ the real, general path) and runs the same computation with fewer, larger operati
 one matrix product, gate/up in one, wide matrices kept transposed (a one-row product then streams
 them in order), rotary tables computed once by the model's own rotary module, a key/value cache
 that grows in place, and only the last position through the LM head. The original projections
-are rebound as views of the fused matrices, so the model keeps working and the weights are not
-held twice.
+are rebound as views of the fused matrices, so the model keeps working.
+
+Decoding one token reads every weight once, so on a CPU its speed is memory bandwidth: the
+one-row products read a half-precision copy of the weights (FBGEMM's fp16 kernel, fp32
+arithmetic), ~30% faster per token than fp32, with the same greedy tokens on the bundled model
+(fp16 holds its 4-bit weights almost exactly). Prefill keeps the fp32 weights.
 
 Greedy decoding with transformers' repetition penalty gives the same tokens as its ``generate``
 (the tests compare them). Models this pass does not cover are reported by
@@ -124,7 +128,7 @@ class _Linear:
     for the price of holding the layer weights twice (models up to :data:`PACK_LIMIT`).
     """
 
-    __slots__ = ("bias", "packed", "transposed", "weight")
+    __slots__ = ("bias", "half", "packed", "transposed", "weight")
 
     def __init__(self, modules: list[Any]) -> None:
         weight = torch.cat([m.weight.detach() for m in modules])
@@ -136,6 +140,7 @@ class _Linear:
         self.weight = weight.T.contiguous() if self.transposed else weight
         self.bias = bias
         self.packed: torch.Tensor | None = None
+        self.half: Any = None  # FBGEMM's packed fp16 weight, for one-row products
         view = self.weight.T if self.transposed else self.weight
         start = 0
         for m in modules:
@@ -153,9 +158,17 @@ class _Linear:
         dense = self.weight.T.contiguous() if self.transposed else self.weight
         self.packed = torch.ops.mkldnn._reorder_linear_weight(dense, PACK_ROWS)
 
+    def pack_half(self) -> None:
+        dense = self.weight.T.contiguous() if self.transposed else self.weight
+        self.half = torch.ops.quantized.linear_prepack_fp16(dense, self.bias)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.shape[0] > 1:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if x.shape[0] > 1:
+            if self.packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none",
+                                                          [], "")
+        elif self.half is not None:
+            return torch.ops.quantized.linear_dynamic_fp16(x, self.half)
         if not self.transposed:
             return F.linear(x, self.weight, self.bias)
         if self.bias is None:
@@ -184,7 +197,7 @@ class _Layer:
 class FastLlama:
     """Forward passes and greedy decoding for one loaded ``LlamaForCausalLM``."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, half_decode: bool = True) -> None:
         config = model.config
         inner = model.model
         self.config = config
@@ -211,6 +224,7 @@ class FastLlama:
                    _Linear([layer.mlp.down_proj]))
             for layer in inner.layers]
         self.packed = self._pack()
+        self.half = half_decode and self._pack_half()
         self.q_size = self.heads * self.head_dim
         self.kv_size = self.kv_heads * self.head_dim
         self.intermediate = self.layers[0].gate_up.out_features // 2
@@ -238,6 +252,28 @@ class FastLlama:
         except (RuntimeError, AttributeError):  # a torch without these oneDNN operators
             for lin in linears:
                 lin.packed = None
+            return False
+        return True
+
+    def _pack_half(self) -> bool:
+        """Give every product (LM head included) a half-precision copy for decoding, on a CPU
+        whose torch has FBGEMM's fp16 kernel; whether it did."""
+        linears = [self.lm_head, *(lin for layer in self.layers
+                                   for lin in (layer.qkv, layer.out, layer.gate_up, layer.down))]
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            return False
+        try:
+            for lin in linears:
+                lin.pack_half()
+            probe = torch.randn(1, self.hidden, dtype=self.dtype)
+            first = self.layers[0].qkv
+            exact = F.linear(probe, first.weight.T if first.transposed else first.weight,
+                             first.bias)
+            if not torch.allclose(first(probe), exact, rtol=1e-2, atol=1e-2):
+                raise RuntimeError("the fp16 product disagrees")
+        except (RuntimeError, AttributeError, NotImplementedError):  # no FBGEMM (e.g. ARM)
+            for lin in linears:
+                lin.half = None
             return False
         return True
 
