@@ -6,6 +6,10 @@ out as a ``sentence`` the moment it is complete (the voice starts on it), the la
 cancelled, the backend's generation stopped, and every publish checks that its turn is still
 the session's current one, so nothing of an old turn follows.
 
+A local model shares the CPU with speech synthesis: once the first sentence is out, its
+generation is held (``--llm-yield-ms`` at most) until the TTS reports the turn's first packet, so
+that first sound comes sooner; later sentences are needed only after it has been heard.
+
 History: the user's words and the reply are recorded when the turn ends, however it ends; an
 interrupted reply is kept as far as it was produced, and a turn that produced nothing is dropped.
 Pictures are never kept; a frame is attached only to the user message of its own turn, and only
@@ -22,8 +26,26 @@ from dataclasses import dataclass, field
 
 from actors.runtime import Actor, StartupError, main
 from bus.client import BusClient
-from bus.schema import FRAME, TRANSCRIPT, Frame, Message, Metric, Sentence, Token, Transcript
-from engines.llm import BackendSpec, ChatMessage, LLMBackend, LLMError, ModelUnavailable, make_backend
+from bus.schema import (
+    FRAME,
+    METRICS,
+    TRANSCRIPT,
+    Frame,
+    Message,
+    Metric,
+    Sentence,
+    Token,
+    Transcript,
+)
+from engines.llm import (
+    BackendSpec,
+    ChatMessage,
+    LLMBackend,
+    LLMError,
+    ModelUnavailable,
+    Pause,
+    make_backend,
+)
 from engines.llm.history import History, default_prompt
 from engines.llm.sentences import SpeechChunker
 
@@ -50,6 +72,7 @@ class SessionState:
     frame: Frame | None = None  # the latest picture of the session
     turn: int = 0  # the latest turn a reply was started for
     pending: Exchange | None = None  # the exchange of the reply in progress
+    pause: Pause = field(default_factory=Pause)  # of the reply in progress
     seen: set[str] = field(default_factory=set)  # problems already logged for this session
 
     def commit(self, exchange: Exchange | None = None) -> None:
@@ -67,7 +90,7 @@ class LLMActor(Actor):
     """Streams replies from a language model, cut into speakable sentences."""
 
     name = "llm"
-    topics = (TRANSCRIPT, FRAME)
+    topics = (TRANSCRIPT, FRAME, METRICS)
     groups = ("llm",)
 
     def __init__(self, settings: argparse.Namespace, bus: BusClient) -> None:
@@ -108,6 +131,10 @@ class LLMActor(Actor):
             self._state(msg.session).frame = msg
         elif isinstance(msg, Transcript):
             self._start_reply(msg)
+        elif isinstance(msg, Metric) and msg.stage == "first_packet":
+            state = self._sessions.get(msg.session)
+            if state is not None and state.turn == msg.turn:
+                state.pause.release()  # the reply is being heard: on with the rest of it
 
     async def session_ended(self, session: str) -> None:
         self.jobs.cancel(session)
@@ -156,6 +183,8 @@ class LLMActor(Actor):
             messages[-1] = {**messages[-1],
                             "content": f"{SCREEN_NOTE} {messages[-1]['content']}"}
         exchange = state.pending = Exchange(msg.text)
+        state.pause.release()  # whatever the previous reply was waiting for
+        state.pause = Pause()
         self.jobs.start(msg.session, msg.turn,
                         self._reply(msg, state, exchange, messages, image, time.time()))
 
@@ -168,6 +197,7 @@ class LLMActor(Actor):
         log = self.log.bind(session=session, turn=turn)
         chunker = SpeechChunker()
         reply = exchange.reply
+        pause = state.pause
         counts = {"token": 0, "sentence": 0}
 
         def live() -> bool:
@@ -185,13 +215,16 @@ class LLMActor(Actor):
                                   index=counts["sentence"], final=final))
             if counts["sentence"] == 0 and text:
                 metric("first_sentence")
+                if not final:  # more to come, but after the first sound
+                    pause.hold(self.settings.llm_yield_ms / 1000)
             counts["sentence"] += 1
 
         log.info("llm_turn", chars=len(msg.text), history=len(state.history),
                  image=image is not None)
         try:
             async with contextlib.aclosing(
-                    self.backend.stream(messages, image, session=session)) as stream:
+                    self.backend.stream(messages, image, session=session,
+                                        pause=pause)) as stream:
                 async for delta in stream:
                     if not live():
                         return
@@ -228,6 +261,7 @@ class LLMActor(Actor):
                 self.report_error(session, turn, f"The language model failed: {exc}")
                 say(FAILED_SPOKEN, final=True)
         finally:
+            pause.release()
             state.commit(exchange)
 
 

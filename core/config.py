@@ -123,6 +123,9 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         Option("--llm-threads", 1,
                "CPU threads of the local model (0: torch's default); 1 leaves the other core to "
                "speech recognition and synthesis", type=int),
+        Option("--llm-yield-ms", 1000,
+               "a local model waits, at most this long, while its reply's first sentence is "
+               "synthesised on the same CPU (0: never)", type=int),
         Option("--llm-cache-sessions", 4,
                "sessions whose computed prompt the local model keeps, so a turn only computes "
                "what is new", type=int),
@@ -143,10 +146,9 @@ GROUPS: dict[str, tuple[Option, ...]] = {
                type=_bool),
         Option("--ready-timeout", 180.0, "seconds to wait for every actor to report ready",
                type=float),
-        Option("--nice", "asr=2,tts=2,llm=6",
-               "CPU priority (nice) of actors started here, name=value,...: the LLM, which keeps "
-               "generating while the first sentence is spoken, yields to speech recognition and "
-               "synthesis"),
+        Option("--nice", "asr=2,tts=2,llm=2",
+               "CPU priority (nice) of actors started here, name=value,...: the models yield to "
+               "signaling and media (media also asks for --media-nice)"),
     ),
 }
 

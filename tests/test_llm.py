@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -320,6 +322,25 @@ async def test_bundled_local_model_answers_streamed_and_stops(broker, actors):
                  if "llm_generated" in line and "session=l " in line + " "]
     reused = [int(line.split("reused=")[1].split()[0]) for line in generated]
     assert len(reused) == 3 and min(reused) > 30
+
+
+async def test_local_model_holds_the_rest_of_the_reply_until_its_first_sound(broker, actors):
+    await start_llm(actors, None, "--llm-max-tokens", "64", "--llm-yield-ms", "30000")
+    async with harness.client(broker, OUT_TOPICS) as bus:
+        bus.publish(Transcript(session="y", turn=1, text="Tell me a fun fact about cats."))
+        first = await harness.recv_until(
+            bus, lambda m: isinstance(m, Sentence) and m.session == "y", 60)
+        assert not first.final
+        held: list[Message] = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.5):  # ~30 tokens' time at full speed
+                while True:
+                    held.append(await bus.recv())
+        # a token or two were under way when the hold came; then nothing until the first sound
+        assert len([m for m in held if isinstance(m, Token) and m.session == "y"]) <= 2, held
+        bus.publish(Metric(session="y", turn=1, stage="first_packet", at=time.time()))
+        rest = await reply(bus, "y", 1, timeout=60)
+    assert len(tokens(rest)) >= 5 and sentences(rest)[-1].final
 
 
 @pytest.mark.slow

@@ -9,12 +9,13 @@ from engines.llm.base import (
     LLMBackend,
     LLMError,
     ModelUnavailable,
+    Pause,
 )
 
 BACKENDS = ("openai", "local")
 
 __all__ = ["BACKENDS", "BackendSpec", "ChatMessage", "LLMBackend", "LLMError",
-           "ModelUnavailable", "make_backend"]
+           "ModelUnavailable", "Pause", "make_backend"]
 
 
 def make_backend(spec: BackendSpec) -> LLMBackend:

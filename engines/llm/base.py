@@ -7,6 +7,8 @@ cancelling the task that iterates it, must stop the generation at once and free 
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol, TypedDict
@@ -37,6 +39,38 @@ class LLMError(RuntimeError):
         self.spoken = spoken or "Sorry, I could not answer that. Please try again."
 
 
+class Pause:
+    """Holds a local generation between two tokens, for a bounded time.
+
+    A local model shares the CPU with speech synthesis: while the reply's first sentence is
+    being synthesised, tokens for later sentences only slow down the first sound. The caller
+    holds the generation (:meth:`hold`) and lets it go (:meth:`release`); the generating thread
+    calls :meth:`wait` after each token. Thread-safe; a remote backend ignores it.
+    """
+
+    def __init__(self) -> None:
+        self._open = threading.Event()
+        self._open.set()
+        self._until = 0.0  # time.monotonic() at which a hold lapses by itself
+
+    def hold(self, limit_s: float) -> None:
+        if limit_s > 0:
+            self._until = time.monotonic() + limit_s
+            self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    @property
+    def held(self) -> bool:
+        return not self._open.is_set()
+
+    def wait(self) -> None:
+        """Block while held, at most until the hold lapses."""
+        if not self._open.is_set():
+            self._open.wait(max(0.0, self._until - time.monotonic()))
+
+
 @dataclass(frozen=True, slots=True)
 class BackendSpec:
     """Which backend and model to use, and how (from the ``llm`` config group)."""
@@ -54,6 +88,7 @@ class BackendSpec:
     threads: int = 1  # CPU threads for the local model (0: torch's default)
     cache_sessions: int = 4  # sessions whose key/value cache the local model keeps
     fast: bool = True  # the lean Llama pass (local); False: always transformers ``generate``
+    half_decode: bool = True  # the lean pass decodes from fp16 weight copies (CPU)
 
     @property
     def resolved(self) -> str:
@@ -79,12 +114,12 @@ class LLMBackend(Protocol):
         ...
 
     def stream(self, messages: list[ChatMessage], image: bytes | None = None,
-               session: str | None = None) -> AsyncIterator[str]:
+               session: str | None = None, pause: Pause | None = None) -> AsyncIterator[str]:
         """Text deltas of the reply to ``messages``; ``image`` (JPEG) goes with the last one.
 
         ``session`` lets a backend keep state between the turns of one call (the local model
-        its key/value cache) until :meth:`forget`. Raises :class:`LLMError` for every failure
-        a user should hear about.
+        its key/value cache) until :meth:`forget`. A local model waits on ``pause`` between
+        tokens. Raises :class:`LLMError` for every failure a user should hear about.
         """
         ...
 

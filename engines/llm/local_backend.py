@@ -35,7 +35,7 @@ from typing import Any
 
 import structlog
 
-from engines.llm.base import BackendSpec, ChatMessage, LLMError, ModelUnavailable
+from engines.llm.base import BackendSpec, ChatMessage, LLMError, ModelUnavailable, Pause
 from engines.llm.gguf_convert import BUNDLED_NAME, bundled_gguf, ensure_converted
 from engines.llm.prefix_cache import PrefixCaches, common_prefix
 
@@ -152,9 +152,11 @@ class LocalBackend:
             self._log.info("llm_fast_path_unsupported", reason=reason,
                            note="using transformers generate")
             return "transformers"
-        self._fast = llama_fast.FastLlama(model)
+        self._fast = llama_fast.FastLlama(model, half_decode=self.spec.half_decode)
         self._eos = llama_fast.eos_ids(model)
-        return "llama_fast" + (" (prefill weights packed)" if self._fast.packed else "")
+        notes = [note for on, note in ((self._fast.packed, "prefill weights packed"),
+                                       (self._fast.half, "fp16 decode")) if on]
+        return "llama_fast" + (f" ({', '.join(notes)})" if notes else "")
 
     def _add_stop_hooks(self, model: Any, module_list: type) -> None:
         """Check the stop event before every layer of the model's layer stacks."""
@@ -202,11 +204,11 @@ class LocalBackend:
     # -- generation
 
     def stream(self, messages: list[ChatMessage], image: bytes | None = None,
-               session: str | None = None) -> AsyncIterator[str]:
-        return self._stream(messages, self.spec.max_tokens, session)
+               session: str | None = None, pause: Pause | None = None) -> AsyncIterator[str]:
+        return self._stream(messages, self.spec.max_tokens, session, pause)
 
     async def _stream(self, messages: list[ChatMessage], max_new_tokens: int,
-                      session: str | None) -> AsyncIterator[str]:
+                      session: str | None, pause: Pause | None = None) -> AsyncIterator[str]:
         if self._model is None:
             raise LLMError("local", "the local language model is not loaded")
         loop = asyncio.get_running_loop()
@@ -219,6 +221,8 @@ class LocalBackend:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:
                 stop.set()  # the event loop is gone: nobody listens any more
+            if pause is not None and item is not _DONE:
+                pause.wait()  # the caller may hold the next token (the CPU is speaking)
 
         def work() -> int:
             try:
@@ -237,6 +241,8 @@ class LocalBackend:
                 yield str(item)
         except BaseException:
             stop.set()  # cancelled or closed: generate ends at its next layer
+            if pause is not None:
+                pause.release()
             await asyncio.wait({future})
             if not future.cancelled():
                 future.exception()  # retrieved: a failure after a stop is not news

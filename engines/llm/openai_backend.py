@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import structlog
 
-from engines.llm.base import BackendSpec, ChatMessage, LLMError
+from engines.llm.base import BackendSpec, ChatMessage, LLMError, Pause
 
 DEFAULT_MODEL = "gpt-4o-mini"
 BACKOFF_S = (0.25, 1.0, 2.0)  # before the 1st, 2nd, 3rd retry
@@ -56,7 +56,8 @@ class OpenAIBackend:
         await self._client.close()
 
     async def stream(self, messages: list[ChatMessage], image: bytes | None = None,
-                     session: str | None = None) -> AsyncIterator[str]:
+                     session: str | None = None,
+                     pause: Pause | None = None) -> AsyncIterator[str]:  # remote: not paused
         attempt = 0
         while True:
             produced = False
