@@ -134,7 +134,7 @@ class EndpointConfig:
     pre_roll_s: float = 0.3  # audio kept from before the onset (speech starts softly)
     tail_s: float = 0.1  # audio kept after the last speech (hands-free; silero lags ~60 ms)
     ptt_tail_s: float = 0.2  # audio kept after a talk release (still in flight)
-    ptt_quiet_s: float = 0.15  # push-to-talk: silence before a release that makes it final at once
+    ptt_quiet_s: float = 0.1  # push-to-talk: silence after speech that makes a release final
     pending_gap_s: float = 0.2  # silence that cancels a not-yet-confirmed onset
     rate: int = PCM_RATE
 
@@ -215,14 +215,18 @@ class Endpointer:
             return []
         if take.early_sent:  # answered already, and nothing was said since
             return self._finish(now)
-        if (take.speech >= self._s(self.config.min_speech_s)
-                and take.silence_run >= self._s(self.config.ptt_quiet_s)):
-            # the user stopped speaking before letting go: what is in flight is silence too
+        if self._quiet(take):  # the user stopped speaking before letting go
             return self._finish(now, limit=take.voiced_until + self._s(self.config.tail_s))
         take.stop_after = self._s(self.config.ptt_tail_s)
         take.stop_at = now
-        take.speech_end = now
+        if take.speech < self._s(self.config.min_speech_s):  # the VAD heard nothing to go by
+            take.speech_end = now
         return []
+
+    def _quiet(self, take: _Take) -> bool:
+        """A push-to-talk take whose speech has been followed by ``ptt_quiet_s`` of silence."""
+        return (take.speech >= self._s(self.config.min_speech_s)
+                and take.silence_run >= self._s(self.config.ptt_quiet_s))
 
     def tick(self, now: float) -> list[Event]:
         """Time passes without audio: a released push-to-talk turn ends anyway."""
@@ -248,9 +252,11 @@ class Endpointer:
             return []
         take.add(chunk)
         if take.stop_after is not None:  # released: the audio still in flight is the turn's
-            if self._voiced:
-                take.voiced_until = take.samples
             take.stop_after -= len(chunk)
+            if prob is not None:
+                self._track_voice(take, chunk, now)
+                if self._quiet(take):  # the rest in flight is silence: no need to wait for it
+                    return self._finish(now, limit=take.voiced_until + self._s(self.config.tail_s))
             if take.stop_after <= 0:
                 return self._finish(now)
             return []

@@ -162,8 +162,9 @@ class Chromium:
     """A headless Chromium process with fake camera and a WAV microphone."""
 
     def __init__(self, tmp: Path | None = None, *, mic: Path | None = None,
-                 extra_flags: tuple[str, ...] = ()) -> None:
+                 extra_flags: tuple[str, ...] = (), nice: int = 0) -> None:
         self.mic = mic
+        self.nice = nice  # CPU niceness of Chromium and every process it starts
         self.extra_flags = extra_flags
         self._own_tmp = tmp is None
         self.tmp = Path(tempfile.mkdtemp(prefix="parley-chromium-", dir=tmp))
@@ -195,6 +196,8 @@ class Chromium:
             args.append(f"--use-file-for-fake-audio-capture={self.mic.resolve()}%noloop")
         args.append("about:blank")
         self._log = open(self.tmp / "chromium.log", "wb")  # noqa: SIM115 (closed on exit)
+        if self.nice:
+            args = ["nice", "-n", str(self.nice), *args]
         self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         port_file = profile / "DevToolsActivePort"

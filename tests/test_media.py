@@ -522,7 +522,7 @@ def test_endpointer_early_end_is_confirmed_or_resumed():
 
 def test_push_to_talk_answers_a_pause_early_and_a_quiet_release_at_once():
     cfg = EndpointConfig(threshold=0.5, min_speech_s=0.25, early_s=0.2, tail_s=0.1,
-                         ptt_tail_s=0.2, ptt_quiet_s=0.15)
+                         ptt_tail_s=0.2, ptt_quiet_s=0.1)
     chunk = np.full(CHUNK, 0.1, dtype=np.float32)
 
     def held(probs: list[float]) -> tuple[Endpointer, list[object]]:
@@ -550,6 +550,11 @@ def test_push_to_talk_answers_a_pause_early_and_a_quiet_release_at_once():
     assert not ep.talk_stop(21.0)
     tail = [e for _ in range(7) for e in ep.feed(chunk, 0.9, now=22.0)]
     assert len(tail) == 1 and len(tail[0].pcm) // 2 == 27 * CHUNK
+    # ...unless the audio in flight falls silent: 100 ms of it ends the turn without the rest
+    ep, events = held([0.9] * 20)
+    assert not ep.talk_stop(21.0)
+    quiet = [e for p in (0.9, 0.1, 0.1, 0.1, 0.1) for e in ep.feed(chunk, p, now=22.0)]
+    assert len(quiet) == 1 and len(quiet[0].pcm) // 2 == 21 * CHUNK + int(0.1 * cfg.rate)
     # no VAD at all (a whisper, a muted model): the release waits for the tail as before
     ep, events = held([0.0] * 20)
     assert not ep.talk_stop(21.0) and not [e for e in events if isinstance(e, End)]
