@@ -161,6 +161,8 @@ async def main() -> None:
     parser.add_argument("--turns", type=int, default=6, help="questions per mode")
     parser.add_argument("--modes", default="ptt,vad")
     parser.add_argument("--gap", type=float, default=9.0, help="seconds of silence after each question")
+    parser.add_argument("--keep-log", type=Path, default=None,
+                        help="copy the system's log (every actor's lines) to this file")
     parser.add_argument("--browser-nice", type=int, default=0,
                         help="CPU niceness of Chromium (10: as if on another machine)")
     parser.add_argument("supervisor_args", nargs="*", help="extra flags for supervisor.py (after --)")
@@ -175,6 +177,8 @@ async def main() -> None:
             for mode in args.modes.split(","):
                 results[mode] = await run_mode(mode, system.url, wav, questions, args.gap,
                                                args.browser_nice)
+            if args.keep_log is not None:
+                args.keep_log.write_text(system.output())
 
     print(f"\nVoice-to-voice latency at the page, {args.turns} questions per mode "
           f"(ms after the end of speech in the mic signal), Chromium at nice "

@@ -49,7 +49,7 @@ TABLE: list[tuple[str, list[str]]] = [
     ("", []),
     # a long first sentence lets its first clause go early; later ones are whole
     ("The capital of France, which is a big city with many museums, is Paris. Later, it rains.",
-     ["The capital of France, which is a big city with many museums,", "is Paris.",
+     ["The capital of France,", "which is a big city with many museums, is Paris.",
       "Later, it rains."]),
     ("Sure, I can help. Yes.", ["Sure, I can help.", "Yes."]),
     ("The first thing you should know about this - it is easy to do.",
@@ -103,3 +103,16 @@ def test_a_long_first_sentence_without_commas_is_cut_before_a_conjunction():
     # "andrew" is no conjunction
     assert split_text("My best friend from the old school is called andrew smith.") == [
         "My best friend from the old school is called andrew smith."]
+
+
+def test_a_long_first_sentence_without_any_break_is_cut_before_a_phrase():
+    assert split_text("There's no specific number for dogs but they have four legs.") == [
+        "There's no specific number for dogs", "but they have four legs."]
+    assert split_text("A clear day can have many different colors depending on the hour.") == [
+        "A clear day can have many different colors", "depending on the hour."]
+    assert split_text("Yes, a lemon is a classic example of a fruit that is yellow.") == [
+        "Yes, a lemon is a classic example", "of a fruit that is yellow."]
+    # short enough to wait for its end; and only the first sentence is ever cut
+    assert split_text("The capital of France is Paris.") == ["The capital of France is Paris."]
+    assert split_text("Bees make honey. They make it from the nectar of flowers in spring.") == [
+        "Bees make honey.", "They make it from the nectar of flowers in spring."]

@@ -6,7 +6,8 @@ complete, but not before: a period is not always a sentence end ("Mr. Smith", "3
 voice must not read asterisks, hashes, code or link targets. When the first sentence runs long,
 its first clause is released on its own so that speech starts sooner: at a comma, semicolon,
 colon or spaced dash, or, when there is none, before a conjunction ("and", "but", "because"...)
-once enough words have come.
+once enough words have come, and at the latest before a preposition or relative word ("of",
+"with", "that", "depending"...) once the first sentence has run to ``first_span_words``.
 
 Two streaming stages: :class:`MarkdownStripper` (line-aware, holds back only unfinished markup)
 feeds :class:`SentenceSplitter` (holds back only an undecided boundary). :class:`SpeechChunker`
@@ -196,6 +197,11 @@ def speakable(text: str) -> str:
 # A clause may begin at these words; cutting before one keeps both halves natural to speak.
 _CONJUNCTIONS = frozenset({"and", "but", "because", "so", "while", "which", "although", "though",
                            "whereas", "or", "until", "unless"})
+# A phrase may begin at these: a long first sentence without a clause break is cut before one.
+_OPENERS = _CONJUNCTIONS | frozenset({
+    "about", "after", "as", "at", "before", "by", "depending", "during", "for", "from", "if",
+    "in", "into", "like", "of", "on", "since", "than", "that", "to", "when", "where", "who",
+    "whose", "with", "without"})
 _NEXT_WORD = re.compile(r"[A-Za-z']+")
 CONJUNCTION_EXTRA_WORDS = 2  # a conjunction cut needs a longer first clause than a comma cut
 
@@ -203,8 +209,9 @@ CONJUNCTION_EXTRA_WORDS = 2  # a conjunction cut needs a longer first clause tha
 class SentenceSplitter:
     """Streaming sentence boundaries over clean text (see the module docstring)."""
 
-    def __init__(self, *, first_clause_words: int = 6) -> None:
+    def __init__(self, *, first_clause_words: int = 4, first_span_words: int = 7) -> None:
         self.first_clause_words = first_clause_words
+        self.first_span_words = first_span_words
         self._buf = ""
         self._released = False  # something of this reply was released already
 
@@ -262,11 +269,14 @@ class SentenceSplitter:
     def _before_conjunction(self, buf: str, start: int, i: int) -> bool:
         """``buf[i]`` is the space before a conjunction that opens the long first sentence's
         next clause ("The sky is blue | and the sea is too")."""
-        words = buf[start:i].split()
-        if len(words) < self.first_clause_words + CONJUNCTION_EXTRA_WORDS:
+        words = len(buf[start:i].split())
+        if words < self.first_clause_words + CONJUNCTION_EXTRA_WORDS:
             return False
         match = _NEXT_WORD.match(buf, i + 1)
-        return bool(match and match.end() < len(buf) and match.group(0).lower() in _CONJUNCTIONS)
+        if not match or match.end() >= len(buf):
+            return False  # the next word is not complete yet
+        word = match.group(0).lower()
+        return word in _CONJUNCTIONS or (words >= self.first_span_words and word in _OPENERS)
 
     def _is_end(self, buf: str, start: int, i: int, j: int, final: bool) -> bool | None:
         """Whether the terminator run ``buf[i:j]`` ends a sentence; None: undecidable yet."""
@@ -344,7 +354,7 @@ def _next_word_start(buf: str, j: int) -> str | None:
 class SpeechChunker:
     """Markdown stripping then sentence splitting: reply deltas in, speakable sentences out."""
 
-    def __init__(self, *, first_clause_words: int = 6) -> None:
+    def __init__(self, *, first_clause_words: int = 4) -> None:
         self._markdown = MarkdownStripper()
         self._splitter = SentenceSplitter(first_clause_words=first_clause_words)
 
@@ -356,7 +366,7 @@ class SpeechChunker:
         return out + self._splitter.flush()
 
 
-def split_text(text: str, *, first_clause_words: int = 6) -> list[str]:
+def split_text(text: str, *, first_clause_words: int = 4) -> list[str]:
     """All sentences of a whole reply (what the streaming path yields, in one call)."""
     chunker = SpeechChunker(first_clause_words=first_clause_words)
     return chunker.feed(text) + chunker.flush()
