@@ -27,9 +27,12 @@ from dataclasses import dataclass, field
 from actors.runtime import Actor, StartupError, main
 from bus.client import BusClient
 from bus.schema import (
+    CONTROL,
     FRAME,
     METRICS,
     TRANSCRIPT,
+    Control,
+    ControlKind,
     Frame,
     Message,
     Metric,
@@ -61,6 +64,7 @@ class Exchange:
     """The user's words of a turn and the reply produced for them so far."""
 
     user: str
+    turn: int = 0
     reply: list[str] = field(default_factory=list)
 
 
@@ -73,6 +77,7 @@ class SessionState:
     turn: int = 0  # the latest turn a reply was started for
     pending: Exchange | None = None  # the exchange of the reply in progress
     pause: Pause = field(default_factory=Pause)  # of the reply in progress
+    committed: int = 0  # the turn of the history's last exchange, while it may still be void
     seen: set[str] = field(default_factory=set)  # problems already logged for this session
 
     def commit(self, exchange: Exchange | None = None) -> None:
@@ -82,15 +87,25 @@ class SessionState:
         so an interrupted reply is recorded even while its cancellation is still unwinding.
         """
         if self.pending is not None and (exchange is None or self.pending is exchange):
-            self.history.add(self.pending.user, "".join(self.pending.reply))
+            if self.history.add(self.pending.user, "".join(self.pending.reply)):
+                self.committed = self.pending.turn
             self.pending = None
+
+    def forget(self, turn: int) -> None:
+        """``turn`` was void (an early end the user spoke on through): its words and reply
+        leave the history, or never enter it."""
+        if self.pending is not None and self.pending.turn == turn:
+            self.pending = None
+        elif self.committed == turn:
+            self.history.drop_last()
+            self.committed = 0
 
 
 class LLMActor(Actor):
     """Streams replies from a language model, cut into speakable sentences."""
 
     name = "llm"
-    topics = (TRANSCRIPT, FRAME, METRICS)
+    topics = (TRANSCRIPT, FRAME, METRICS, CONTROL)
     groups = ("llm",)
 
     def __init__(self, settings: argparse.Namespace, bus: BusClient) -> None:
@@ -131,6 +146,11 @@ class LLMActor(Actor):
             self._state(msg.session).frame = msg
         elif isinstance(msg, Transcript):
             self._start_reply(msg)
+        elif isinstance(msg, Control):
+            if msg.kind == ControlKind.INTERRUPT and msg.text == "void":
+                state = self._sessions.get(msg.session)
+                if state is not None:
+                    state.forget(msg.turn - 1)
         elif isinstance(msg, Metric) and msg.stage == "first_packet":
             state = self._sessions.get(msg.session)
             if state is not None and state.turn == msg.turn:
@@ -182,7 +202,7 @@ class LLMActor(Actor):
             # Said to this request only (history keeps the words): the picture is no face.
             messages[-1] = {**messages[-1],
                             "content": f"{SCREEN_NOTE} {messages[-1]['content']}"}
-        exchange = state.pending = Exchange(msg.text)
+        exchange = state.pending = Exchange(msg.text, msg.turn)
         state.pause.release()  # whatever the previous reply was waiting for
         state.pause = Pause()
         self.jobs.start(msg.session, msg.turn,

@@ -319,7 +319,7 @@ class MediaActor(Actor):
     def _speech_event(self, call: Call, event: Event) -> None:
         session = call.session
         if isinstance(event, Onset | Resume):
-            turn = self._new_turn(call)
+            turn = self._new_turn(call, void=isinstance(event, Resume))
             if isinstance(event, Resume):  # the early-ended turn is void: its reply is dropped
                 self.log.info("speech_resumed", session=session, turn=turn)
                 return
@@ -348,15 +348,17 @@ class MediaActor(Actor):
             if frame is not None and call.tg is not None:
                 self._spawn(call, call.tg, self._snapshot(call, turn, frame))
 
-    def _new_turn(self, call: Call) -> int:
-        """Start the session's next turn: everything older is interrupted everywhere."""
+    def _new_turn(self, call: Call, void: bool = False) -> int:
+        """Start the session's next turn: everything older is interrupted everywhere (and, when
+        ``void``, forgotten: it was an early end of a turn the user went on with)."""
         session = call.session
         turn = self.turns.current(session) + 1
         self.turns.advance(session, turn)
         call.user_turn = turn
         cut = call.track.flush(turn)
         self.publish(Control(session=session, turn=turn, kind=ControlKind.INTERRUPT,
-                             actor=self.name, instance=self.bus.instance))
+                             actor=self.name, instance=self.bus.instance,
+                             text="void" if void else ""))
         if cut:
             self._state(call, "assistant_done", "interrupted")
         return turn

@@ -176,7 +176,7 @@ def event_for(msg: Message) -> dict[str, Any] | None:
             return {"type": "error", **base, "code": "actor", "text": msg.text,
                     "source": msg.actor}
         if kind == "interrupt":
-            return {"type": "interrupt", **base}
+            return {"type": "interrupt", **base, **({"void": True} if msg.text == "void" else {})}
     return None
 
 

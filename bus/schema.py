@@ -187,7 +187,8 @@ class ControlKind(StrEnum):
     VIDEO = "video"  # text: camera | screen, what the page's video track shows now
     TALK_START = "talk_start"  # push-to-talk pressed
     TALK_STOP = "talk_stop"  # push-to-talk released
-    INTERRUPT = "interrupt"  # turn: the new turn; everything older is stale
+    INTERRUPT = "interrupt"  # turn: the new turn; everything older is stale. text "void": the
+    # older turn was an early end the user spoke on through: forget it, not only stop it
     STATE = "state"  # state, text: something the page should show (connected, speaking...)
     ERROR = "error"  # text: a problem the user should read
 

@@ -154,6 +154,24 @@ async def test_reply_streams_in_order_with_image_and_history(broker, actors):
             await reply(bus, "s1", 3)
             assert stub.requests[4].messages[1:] == [{"role": "user", "content": "Hello again"}]
 
+            # An early end the user spoke on through is void: the next turn's words include
+            # it, so neither it nor its reply stays in the history.
+            bus.publish(Transcript(session="s3", turn=1, text="What is the"))
+            await reply(bus, "s3", 1)
+            bus.publish(Control(session="s3", turn=2, kind=ControlKind.INTERRUPT, text="void"))
+            bus.publish(Transcript(session="s3", turn=2, text="What is the capital of France?"))
+            await reply(bus, "s3", 2)
+            bus.publish(Control(session="s3", turn=3, kind=ControlKind.INTERRUPT))
+            bus.publish(Transcript(session="s3", turn=3, text="Thanks."))
+            await reply(bus, "s3", 3)
+            assert stub.requests[5].messages[1:] == [{"role": "user", "content": "What is the"}]
+            assert stub.requests[6].messages[1:] == [
+                {"role": "user", "content": "What is the capital of France?"}]
+            assert stub.requests[7].messages[1:] == [
+                {"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "".join(chunks)},
+                {"role": "user", "content": "Thanks."}]
+
 
 async def test_endpoint_errors_become_error_events_and_a_spoken_apology(broker, actors):
     async with OpenAIChatStub() as stub:

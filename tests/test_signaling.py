@@ -106,7 +106,8 @@ async def test_offer_and_controls_reach_the_bus_and_events_only_their_page(broke
                             sdp_type="answer"))
         assert (await next_event(ws1, "answer"))["sdp"] == "v=0 answer"
         published: list[Any] = [
-            Control(session=s1, turn=3, kind=ControlKind.INTERRUPT, actor="media"),
+            Control(session=s1, turn=3, kind=ControlKind.INTERRUPT, actor="media",
+                    text="void"),
             Metric(session=s1, turn=3, stage="speech_end", at=1000.0),
             Transcript(session=s1, turn=3, text="hello there", language="en", asr_ms=80.0),
             Token(session=s1, turn=3, text="Hi", index=0),
@@ -122,6 +123,7 @@ async def test_offer_and_controls_reach_the_bus_and_events_only_their_page(broke
         assert sorted(got) == ["error", "interrupt", "metric", "sentence", "state", "token",
                                "transcript"]
         assert all(e["turn"] == 3 for e in got.values())
+        assert got["interrupt"]["void"] is True  # the early-ended turn 2 is superseded
         assert got["metric"]["stage"] == "speech_end" and got["metric"]["at"] == 1000.0
         assert got["transcript"]["text"] == "hello there" and got["token"]["text"] == "Hi"
         assert got["sentence"]["final"] is True and got["state"]["state"] == "assistant_speaking"

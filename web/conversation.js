@@ -41,6 +41,7 @@ export class Conversation {
     const t = this.entry(msg.turn);
     switch (msg.type) {
       case "interrupt":
+        if (msg.void) this.#forget(msg.turn - 1); // spoken on through: the new turn has it all
         for (const [n, old] of this.turns) {
           if (n < msg.turn && old.assistant && !old.done) {
             old.interrupted = true;
@@ -110,6 +111,13 @@ export class Conversation {
       if (m) out.push({ stage, label, ms: m.at * 1000 - t.speechEnd });
     }
     return out;
+  }
+
+  #forget(turn) {
+    const old = this.turns.get(turn);
+    if (!old) return;
+    old.el?.remove();
+    this.turns.delete(turn);
   }
 
   render(t) {

@@ -42,13 +42,18 @@ class History:
     def __len__(self) -> int:
         return len(self._turns)
 
-    def add(self, user: str, assistant: str) -> None:
-        """Record one exchange; one without a reply is dropped."""
+    def add(self, user: str, assistant: str) -> bool:
+        """Record one exchange (whether it was: one without a reply is dropped)."""
         if not self._turns.maxlen or not user.strip() or not assistant.strip():
-            return
+            return False
         self._turns.append((user.strip(), assistant.strip()))
         while len(self._turns) > 1 and sum(len(u) + len(a) for u, a in self._turns) > self.max_chars:
             self._turns.popleft()
+        return True
+
+    def drop_last(self) -> None:
+        if self._turns:
+            self._turns.pop()
 
     def clear(self) -> None:
         self._turns.clear()
