@@ -81,7 +81,7 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         Option("--turn-mode", "vad", "how a user's turn ends by default", choices=("vad", "ptt")),
         Option("--vad-threshold", 0.5, "speech probability that counts as speech", type=float),
         Option("--vad-silence-ms", 500, "silence that ends a turn in hands-free mode", type=int),
-        Option("--vad-early-ms", 200,
+        Option("--vad-early-ms", 120,
                "silence after which a hands-free turn is answered speculatively, played only "
                "once --vad-silence-ms confirms it (0: off)", type=int),
         Option("--min-speech-ms", 250,

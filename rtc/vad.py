@@ -128,7 +128,7 @@ Event = Onset | End | Confirm | Resume
 class EndpointConfig:
     threshold: float = 0.5
     silence_s: float = 0.5  # hands-free: silence that ends a turn
-    early_s: float = 0.2  # hands-free: silence after which the turn ends early (0: never)
+    early_s: float = 0.12  # silence after which the turn ends early (0: never)
     min_speech_s: float = 0.25  # hands-free: speech needed before a turn starts
     max_utterance_s: float = 30.0
     pre_roll_s: float = 0.3  # audio kept from before the onset (speech starts softly)
