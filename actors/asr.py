@@ -43,7 +43,8 @@ class Asr(Actor):
         super().__init__(settings, bus)
         self.spec = EngineSpec(backend=settings.asr_backend, model=settings.asr_model,
                                device=settings.asr_device, language=settings.asr_language,
-                               cache_dir=settings.asr_cache_dir)
+                               cache_dir=settings.asr_cache_dir,
+                               threads=max(0, settings.asr_threads))
         self.recognizer: Recognizer
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr")
         self._rejected: collections.Counter[str] = collections.Counter()

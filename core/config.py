@@ -101,6 +101,8 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         Option("--asr-min-speech-ms", 300,
                "speech (by VAD) an utterance needs to be transcribed at all", type=int),
         Option("--asr-cache-dir", "cache", "where the two-part bundled Whisper base is joined"),
+        Option("--asr-threads", 0, "CPU threads of faster-whisper (0: the cores available, up to 8)",
+               type=int),
     ),
     "llm": (
         Option("--llm-backend", "auto",
@@ -138,6 +140,8 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         Option("--tts-model", "gpt-4o-mini-tts", "OpenAI TTS model"),
         Option("--tts-speed", 1.0, "speaking rate", type=float),
         Option("--tts-base-url", "", "OpenAI-compatible TTS endpoint; empty: --llm-base-url"),
+        Option("--tts-threads", 0, "CPU threads of the Piper voice (0: onnxruntime's default)",
+               type=int),
     ),
     "supervisor": (
         Option("--only", "", "comma-separated actors to run here (others run elsewhere)"),

@@ -205,7 +205,11 @@ def test_huge_text_is_cut_into_bounded_pieces():
     assert len(text) > 100_000
     pieces = normalize.pieces(text)
     assert max(len(p) for p in pieces) <= 240
-    assert len(pieces[0]) <= 60  # the first piece is short: the first audio leaves early
+    assert len(pieces[0]) <= 32  # the first piece is short: the first audio leaves early
+    assert normalize.pieces("Bees make honey, which they collect from flowers.") == [
+        "Bees make honey,", "which they collect from flowers."]
+    assert normalize.pieces("Well, the capital of France is Paris.") == [
+        "Well, the capital of France is Paris."]  # "Well," alone would only be a pause
     assert " ".join(pieces).replace(" ", "") == text.replace(" ", "")
 
 

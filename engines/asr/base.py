@@ -28,6 +28,7 @@ class EngineSpec:
     device: str = "auto"  # cpu | cuda | auto
     language: str = "en"  # empty: detect
     cache_dir: str = "cache"  # where the two-part bundled base model is joined
+    threads: int = 0  # CPU threads (faster-whisper); 0: the cores available
 
 
 @dataclass(frozen=True, slots=True)

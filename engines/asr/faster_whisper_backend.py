@@ -66,7 +66,7 @@ class FasterWhisperEngine:
         compute_type = "float16" if device == "cuda" else "int8"
         try:
             self._model = WhisperModel(path, device=device, compute_type=compute_type,
-                                       cpu_threads=cpu_threads())
+                                       cpu_threads=spec.threads or cpu_threads())
         except Exception as exc:  # hub errors, bad files, CUDA errors: all say the same to a user
             where = path if Path(path).is_dir() else f"the Hugging Face hub id {path!r}"
             raise ModelUnavailable(

@@ -46,6 +46,7 @@ class BackendSpec:
     base_url: str = ""  # OpenAI-compatible endpoint; empty: api.openai.com
     api_key: str = field(default="", repr=False)
     timeout: float = 30.0
+    threads: int = 0  # CPU threads of a local voice; 0: the runtime's default
 
 
 class TtsBackend(abc.ABC):

@@ -169,12 +169,16 @@ def _time(hour: int, minute: int) -> str:
     return f"{number_words(hour)} {'oh ' if minute < 10 else ''}{number_words(minute)}"
 
 
-def pieces(text: str, *, first_chars: int = 60, max_chars: int = 240) -> list[str]:
+MIN_PIECE_CHARS = 12  # a clause shorter than this ("Well,") is never a span of its own
+
+
+def pieces(text: str, *, first_chars: int = 32, max_chars: int = 240) -> list[str]:
     """Cut normalised ``text`` into spans to synthesise one at a time.
 
     Sentences stay whole up to ``max_chars``; longer ones are cut at clause punctuation, then at
     spaces, then anywhere. The first span is cut earlier (after ``first_chars``) at a clause
-    boundary, so that the first audio of a long sentence is ready sooner.
+    boundary, so that the first audio of a sentence is ready sooner: Piper's time to the first
+    sound grows with the span ("Bees make honey," then "which they collect...").
     """
     out: list[str] = []
     for sentence in _SENTENCE_END.split(text):
@@ -195,7 +199,7 @@ def _cut(sentence: str, first_limit: int, max_chars: int) -> list[str]:
         if not clause:
             continue
         candidate = f"{current} {clause}" if current else clause
-        if current and len(candidate) > limit and len(current) >= min(limit, 20):
+        if current and len(candidate) > limit and len(current) >= min(limit, MIN_PIECE_CHARS):
             out.append(current)
             limit = max_chars
             candidate = clause

@@ -8,6 +8,7 @@ packets that go to the loop at once, so a long sentence starts playing after its
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from pathlib import Path
@@ -81,11 +82,20 @@ class PiperBackend(TtsBackend):
     def _load(self) -> None:
         model, config = voice_paths(self.spec.voice)
         try:
+            import onnxruntime
             from piper import PiperVoice, SynthesisConfig
+            from piper.config import PiperConfig
         except ImportError:
             raise BackendUnavailable("piper-tts is not installed: pip install piper-tts") from None
         try:
-            self._voice = PiperVoice.load(model, config)
+            options = onnxruntime.SessionOptions()
+            if self.spec.threads:
+                options.intra_op_num_threads = self.spec.threads
+                options.inter_op_num_threads = 1
+            self._voice = PiperVoice(
+                config=PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8"))),
+                session=onnxruntime.InferenceSession(str(model), sess_options=options,
+                                                     providers=["CPUExecutionProvider"]))
         except Exception as exc:  # onnxruntime and json raise many unrelated types
             raise BackendUnavailable(f"cannot load Piper voice {model}: {exc}") from None
         speed = self.spec.speed if self.spec.speed > 0 else 1.0
