@@ -18,7 +18,9 @@ close as one machine gets to that; the default, 0, lets it compete as an equal.
     .venv/bin/python bench/latency.py [--turns 6] [--modes ptt,vad] [--gap 9] [--browser-nice 0]
                                       [-- SUPERVISOR ARGS]
 
-Prints p50/p95 per stage and end to end per mode; the last line is one JSON object.
+Prints p50/p95 per stage and end to end per mode, and the stalls: silences of at least 600 ms
+inside a reply (its voice waiting for the next sentence; Piper's own pauses between sentences
+are 150-250 ms). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ STAGES = ("endpoint", "transcript", "first_token", "first_sentence", "first_pack
 RATE = 48_000
 LEAD_S = 3.0  # the call connects meanwhile
 GROUP_GAP_MS = 1500  # mic sounds closer than this belong to one question
+STALL_MS = 600  # a silence this long inside a reply is the voice waiting, not a pause
 
 PTT_DRIVER = """
 (() => {
@@ -89,6 +92,16 @@ def microphone(turns: int, gap_s: float, folder: Path) -> tuple[Path, list[str]]
     return write_wav(folder / "questions.wav", np.concatenate(parts), RATE), questions
 
 
+def stalls(first: float, limit: float, onsets: list[float], offsets: list[float]) -> list[float]:
+    """Silences of at least STALL_MS between a reply's first onset and ``limit``."""
+    out = []
+    for onset in (o for o in onsets if first < o < limit):
+        before = [off for off in offsets if first <= off < onset]
+        if before and onset - before[-1] >= STALL_MS:
+            out.append(onset - before[-1])
+    return out
+
+
 def group_sounds(onsets: list[float], offsets: list[float]) -> list[tuple[float, float]]:
     """(start, end) of each spoken question in the mic signal."""
     groups: list[list[float]] = []
@@ -117,16 +130,19 @@ async def run_mode(mode: str, url: str, wav: Path, questions: list[str], gap_s: 
         await asyncio.sleep(duration)
         data = json.loads(await page.evaluate(
             "JSON.stringify({summary: parley.summary(), micOnsets: parley.micOnsets,"
-            " micOffsets: parley.micOffsets, onsets: parley.onsets, errors: parley.errors,"
+            " micOffsets: parley.micOffsets, onsets: parley.onsets, offsets: parley.offsets,"
+            " errors: parley.errors,"
             " releases: (window.__bench || {}).releases || []})"))
     spans = group_sounds([o["at"] for o in data["micOnsets"]], [o["at"] for o in data["micOffsets"]])
     replies = sorted(o["at"] for o in data["onsets"])
+    silences = sorted(o["at"] for o in data["offsets"])
     turns = []
     for i, (_start, end) in enumerate(spans):
         limit = spans[i + 1][0] if i + 1 < len(spans) else float("inf")
         reply = next((r for r in replies if end < r < limit), None)
         row: dict = {"question": questions[i] if i < len(questions) else "?",
-                     "speech_end": end, "v2v_ms": None if reply is None else reply - end}
+                     "speech_end": end, "v2v_ms": None if reply is None else reply - end,
+                     "stalls_ms": [] if reply is None else stalls(reply, limit, replies, silences)}
         turn = min(data["summary"], default=None,
                    key=lambda t: abs((t.get("speechEnd") or 0) - end))
         if turn and turn.get("speechEnd") and abs(turn["speechEnd"] - end) < GROUP_GAP_MS:
@@ -142,7 +158,10 @@ async def run_mode(mode: str, url: str, wav: Path, questions: list[str], gap_s: 
 
 def summarise(result: dict) -> dict:
     v2v = [t["v2v_ms"] for t in result["turns"] if t["v2v_ms"] is not None]
+    gaps = [g for t in result["turns"] for g in t.get("stalls_ms", [])]
     out = {"turns": result["questions"], "answered": len(v2v),
+           "replies_with_stalls": sum(1 for t in result["turns"] if t.get("stalls_ms")),
+           "stalls": len(gaps), "stall_max_ms": max(gaps, default=0.0),
            "v2v_p50_ms": percentile(v2v, 50), "v2v_p95_ms": percentile(v2v, 95),
            "v2v_mean_ms": statistics.fmean(v2v) if v2v else None, "stages": {}}
     for stage in STAGES:
@@ -192,9 +211,12 @@ async def main() -> None:
             print(f"  {stage:<16}{fmt(s['stages'][stage]['p50_ms']):>8}"
                   f"{fmt(s['stages'][stage]['p95_ms']):>8}")
         print(f"  {'voice-to-voice':<16}{fmt(s['v2v_p50_ms']):>8}{fmt(s['v2v_p95_ms']):>8}")
+        print(f"  stalls (silences >= {STALL_MS} ms inside a reply): {s['stalls']} in "
+              f"{s['replies_with_stalls']} replies, longest {fmt(s['stall_max_ms'])} ms")
         for turn in result["turns"]:
+            gaps = "".join(f" [stall {g:.0f} ms]" for g in turn.get("stalls_ms", []))
             print(f"    {fmt(turn['v2v_ms']):>6} ms  {turn['question']!r} -> heard "
-                  f"{turn.get('heard', '')!r}; reply {turn.get('reply', '')[:60]!r}")
+                  f"{turn.get('heard', '')!r}; reply {turn.get('reply', '')[:60]!r}{gaps}")
         if result["errors"]:
             print(f"  errors: {result['errors'][:3]}")
         print()

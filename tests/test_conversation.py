@@ -106,7 +106,7 @@ async def test_barge_in_stops_the_reply_and_the_new_question_is_answered(tmp_pat
         await speak(page, "Tell me a long story about a brave knight and a dragon.")
         await page.wait_for("parley.onsets.length > 0", TURN_S, interval=0.1, what="the story")
         await asyncio.sleep(1.0)  # the story is playing
-        assert await page.evaluate("parley.remoteLoud")
+        await page.wait_for("parley.remoteLoud", 5, interval=0.02, what="the story, loud")
         story = await page.evaluate("parley.summary()[0]")
         spoken = await speak(page, "What is the capital of France?")
         turn = await answered(page, story["turn"])
@@ -118,6 +118,7 @@ async def test_barge_in_stops_the_reply_and_the_new_question_is_answered(tmp_pat
             f"parley.events.find((e) => e.type === 'interrupt' && e.turn > {story['turn']})"
             ".receivedAt")
     assert old["interrupted"] and not old["done"]
+    assert after, "the story never fell silent after the new question began"
     stopped = min(after)
     print(f"barge-in: story stopped {stopped - spoken['start']:.0f} ms after the new speech began, "
           f"{stopped - detected:.0f} ms after the page heard of the barge-in")

@@ -47,9 +47,9 @@ TABLE: list[tuple[str, list[str]]] = [
     # no final punctuation: the rest comes out at the end
     ("no final punctuation here", ["no final punctuation here"]),
     ("", []),
-    # a long first sentence lets its first clause go early; later ones are whole
+    # early in a reply a long sentence lets its clauses go one by one
     ("The capital of France, which is a big city with many museums, is Paris. Later, it rains.",
-     ["The capital of France,", "which is a big city with many museums, is Paris.",
+     ["The capital of France,", "which is a big city with many museums,", "is Paris.",
       "Later, it rains."]),
     ("Sure, I can help. Yes.", ["Sure, I can help.", "Yes."]),
     ("The first thing you should know about this - it is easy to do.",
@@ -96,10 +96,14 @@ def test_speakable() -> None:
 def test_a_long_first_sentence_without_commas_is_cut_before_a_conjunction():
     assert split_text("The sky on a clear day is usually blue and the sky above us can be grey.") == [
         "The sky on a clear day is usually blue", "and the sky above us can be grey."]
-    # too early in the sentence, or not the first sentence: no cut
+    # too early in the sentence, or past the start of the reply: no cut
     assert split_text("Cats and dogs are pets.") == ["Cats and dogs are pets."]
     assert split_text("Yes. The sky on a clear day is usually blue and the sea is too.") == [
-        "Yes.", "The sky on a clear day is usually blue and the sea is too."]
+        "Yes.", "The sky on a clear day is usually blue", "and the sea is too."]
+    assert split_text("Well, the sun is a big star, and it gives us light and warmth each day. "
+                      "The sky on a clear day is usually blue and the sea is too.") == [
+        "Well, the sun is a big star,", "and it gives us light and warmth each day.",
+        "The sky on a clear day is usually blue and the sea is too."]
     # "andrew" is no conjunction
     assert split_text("My best friend from the old school is called andrew smith.") == [
         "My best friend from the old school is called andrew smith."]
@@ -112,7 +116,7 @@ def test_a_long_first_sentence_without_any_break_is_cut_before_a_phrase():
         "A clear day can have many different colors", "depending on the hour."]
     assert split_text("Yes, a lemon is a classic example of a fruit that is yellow.") == [
         "Yes, a lemon is a classic example", "of a fruit that is yellow."]
-    # short enough to wait for its end; and only the first sentence is ever cut
+    # short enough to wait for its end; a short first sentence does not end the early cuts
     assert split_text("The capital of France is Paris.") == ["The capital of France is Paris."]
     assert split_text("Bees make honey. They make it from the nectar of flowers in spring.") == [
-        "Bees make honey.", "They make it from the nectar of flowers in spring."]
+        "Bees make honey.", "They make it from the nectar of flowers", "in spring."]

@@ -159,8 +159,18 @@ def _segments_within(tokens: list[int], tokenizer: object, audio_s: float) -> li
 
 
 def _without_repeats(text: str) -> str:
-    """``Yes. Yes. Yes.`` -> ``Yes.``: a sentence said again and again is Whisper looping."""
+    """``Yes. Yes. Yes.`` -> ``Yes.``: a sentence said again and again is Whisper looping; and
+    ``What do bees make? What do bees`` -> ``What do bees make?``: a last sentence that only
+    begins the one before is Whisper starting over, cut off by the end of the audio."""
     sentences = re.findall(r"[^.!?]+[.!?]*\s*", text)
     kept = [s for i, s in enumerate(sentences)
             if i == 0 or s.strip().lower() != sentences[i - 1].strip().lower()]
+    if len(kept) > 1:
+        last, before = _words(kept[-1]), _words(kept[-2])
+        if last and len(last) < len(before) and before[:len(last)] == last:
+            kept.pop()
     return "".join(kept).strip()
+
+
+def _words(sentence: str) -> list[str]:
+    return re.findall(r"[\w']+", sentence.lower())

@@ -3,11 +3,13 @@
 Text-to-speech starts on a whole sentence, so the first one should be released the moment it is
 complete, but not before: a period is not always a sentence end ("Mr. Smith", "3.14", "e.g.",
 "example.com", a list's "1."). Markdown the model writes out of habit is removed first, since a
-voice must not read asterisks, hashes, code or link targets. When the first sentence runs long,
-its first clause is released on its own so that speech starts sooner: at a comma, semicolon,
-colon or spaced dash, or, when there is none, before a conjunction ("and", "but", "because"...)
-once enough words have come, and at the latest before a preposition or relative word ("of",
-"with", "that", "depending"...) once the first sentence has run to ``first_span_words``.
+voice must not read asterisks, hashes, code or link targets. At the start of a reply, while
+less than ``early_words`` have been released, a long sentence's first clause is released on its
+own so that speech starts sooner and the voice never waits for a long sentence after a short
+one: at a comma, semicolon, colon or spaced dash, or, when there is none, before a conjunction
+("and", "but", "because"...) once enough words have come, and at the latest before a preposition
+or relative word ("of", "with", "that", "depending"...) once the sentence has run to
+``first_span_words``.
 
 Two streaming stages: :class:`MarkdownStripper` (line-aware, holds back only unfinished markup)
 feeds :class:`SentenceSplitter` (holds back only an undecided boundary). :class:`SpeechChunker`
@@ -209,11 +211,18 @@ CONJUNCTION_EXTRA_WORDS = 2  # a conjunction cut needs a longer first clause tha
 class SentenceSplitter:
     """Streaming sentence boundaries over clean text (see the module docstring)."""
 
-    def __init__(self, *, first_clause_words: int = 4, first_span_words: int = 7) -> None:
+    def __init__(self, *, first_clause_words: int = 4, first_span_words: int = 7,
+                 early_words: int = 16) -> None:
         self.first_clause_words = first_clause_words
         self.first_span_words = first_span_words
+        self.early_words = early_words
         self._buf = ""
-        self._released = False  # something of this reply was released already
+        self._released_words = 0  # of this reply, released already
+
+    @property
+    def _early(self) -> bool:
+        """Still the start of the reply, where clauses are released on their own."""
+        return self._released_words < self.early_words
 
     def feed(self, text: str) -> list[str]:
         self._buf += text
@@ -224,7 +233,7 @@ class SentenceSplitter:
         tail, self._buf = speakable(self._buf), ""
         if tail:
             out.append(tail)
-            self._released = True
+            self._released_words += len(tail.split())
         return out
 
     def _drain(self, *, final: bool) -> list[str]:
@@ -234,7 +243,7 @@ class SentenceSplitter:
             piece = speakable(piece)
             if piece:
                 out.append(piece)
-                self._released = True
+                self._released_words += len(piece.split())
         return out
 
     def _find_cut(self, final: bool) -> int | None:
@@ -258,17 +267,17 @@ class SentenceSplitter:
                     return j
                 i = j
                 continue
-            if (not self._released and (c in _CLAUSE_BREAKS or (c in "-–" and self._dash(buf, i)))
+            if (self._early and (c in _CLAUSE_BREAKS or (c in "-–" and self._dash(buf, i)))
                     and self._clause_end(buf, start, i)):
                 return i + 1
-            if not self._released and c == " " and self._before_conjunction(buf, start, i):
+            if self._early and c == " " and self._before_conjunction(buf, start, i):
                 return i
             i += 1
         return None
 
     def _before_conjunction(self, buf: str, start: int, i: int) -> bool:
-        """``buf[i]`` is the space before a conjunction that opens the long first sentence's
-        next clause ("The sky is blue | and the sea is too")."""
+        """``buf[i]`` is the space before a conjunction that opens a long early sentence's next
+        clause ("The sky is blue | and the sea is too"), or a phrase after a very long start."""
         words = len(buf[start:i].split())
         if words < self.first_clause_words + CONJUNCTION_EXTRA_WORDS:
             return False
@@ -318,7 +327,7 @@ class SentenceSplitter:
         return True
 
     def _clause_end(self, buf: str, start: int, i: int) -> bool:
-        """A clause break inside a long first sentence, with enough words before it."""
+        """A clause break inside a long early sentence, with enough words before it."""
         if i + 1 >= len(buf) or not buf[i + 1].isspace():
             return False  # "1,000", "10:30", or not known yet
         if buf[i] == ":" and not buf[i + 1:].strip():
