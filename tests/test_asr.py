@@ -303,3 +303,22 @@ def test_short_window_decoding_drops_whisper_restarting_in_the_padding():
     # starting over, cut off by the end of the audio (seen in the latency benchmark)
     assert _without_repeats("What do bees make? What do bees") == "What do bees make?"
     assert _without_repeats("Hello there. Hi") == "Hello there. Hi"
+
+
+def test_a_second_segment_that_starts_the_first_over_is_dropped():
+    from engines.asr.faster_whisper_backend import _segments_within
+
+    class Words:  # token i < 100 is WORDS[i]; 100 + k is the timestamp k * 20 ms
+        timestamp_begin = 100
+        WORDS = ("What", " is", " the", " capital", " of", " France?", " France", " Paris.")
+
+        def decode(self, ids: list[int]) -> str:
+            return "".join(self.WORDS[i] for i in ids)
+
+    first = [100, 0, 1, 2, 3, 4, 5, 180]  # "What is the capital of France?" 0.0-1.6 s
+    again = [180, 0, 1, 2, 3, 4, 6, 190]  # "What is the capital of France" 1.6-1.8 s
+    other = [180, 0, 1, 7, 190]  # "What is Paris." 1.6-1.8 s
+    assert _segments_within(first + again, Words(), audio_s=2.0) == [
+        "What is the capital of France?"]
+    assert _segments_within(first + other, Words(), audio_s=2.0) == [
+        "What is the capital of France?", "What is Paris."]

@@ -149,8 +149,8 @@ def _segments_within(tokens: list[int], tokenizer: object, audio_s: float) -> li
             continue
         if current:
             text = _without_repeats(tokenizer.decode(current).strip())  # type: ignore[attr-defined]
-            if start >= audio_s - 0.1 or text in texts:
-                break  # Whisper started over in the padding
+            if start >= audio_s - 0.1 or any(_begins(earlier, text) for earlier in texts):
+                break  # Whisper started over (in the padding, or cut off by the end)
             if text:
                 texts.append(text)
             current = []
@@ -165,12 +165,16 @@ def _without_repeats(text: str) -> str:
     sentences = re.findall(r"[^.!?]+[.!?]*\s*", text)
     kept = [s for i, s in enumerate(sentences)
             if i == 0 or s.strip().lower() != sentences[i - 1].strip().lower()]
-    if len(kept) > 1:
-        last, before = _words(kept[-1]), _words(kept[-2])
-        if last and len(last) < len(before) and before[:len(last)] == last:
-            kept.pop()
+    if len(kept) > 1 and _begins(kept[-2], kept[-1]):
+        kept.pop()
     return "".join(kept).strip()
 
 
 def _words(sentence: str) -> list[str]:
     return re.findall(r"[\w']+", sentence.lower())
+
+
+def _begins(text: str, part: str) -> bool:
+    """Whether ``part`` says again the beginning of ``text`` (or all of it)."""
+    words, start = _words(text), _words(part)
+    return bool(start) and words[:len(start)] == start
