@@ -231,49 +231,45 @@ class FastLlama:
         self._cos = self._sin_signed = torch.empty(0)
         self._rope(min(config.max_position_embeddings, 4096))  # grown when needed
 
+    def _products(self) -> list[_Linear]:
+        return [lin for layer in self.layers
+                for lin in (layer.qkv, layer.out, layer.gate_up, layer.down)]
+
     def _pack(self) -> bool:
         """Give each layer product a packed copy for prefill when the model is small enough
         to hold its weights twice; whether it did."""
-        linears = [lin for layer in self.layers
-                   for lin in (layer.qkv, layer.out, layer.gate_up, layer.down)]
+        linears = self._products()
         size = sum(lin.weight.nbytes for lin in linears)
         if (self.device.type != "cpu" or self.dtype != torch.float32 or size > PACK_LIMIT
                 or not torch.backends.mkldnn.is_available()):
             return False
-        try:
-            for lin in linears:
-                lin.pack()
-            probe = torch.randn(2, self.hidden, dtype=self.dtype)
-            first = self.layers[0].qkv
-            plain = F.linear(probe, first.weight.T if first.transposed else first.weight,
-                             first.bias)
-            if not torch.allclose(first(probe), plain, rtol=1e-4, atol=1e-4):
-                raise RuntimeError("oneDNN's packed product disagrees")
-        except (RuntimeError, AttributeError):  # a torch without these oneDNN operators
-            for lin in linears:
-                lin.packed = None
-            return False
-        return True
+        return self._copies(linears, "packed", rows=2, tol=1e-4)
 
     def _pack_half(self) -> bool:
         """Give every product (LM head included) a half-precision copy for decoding, on a CPU
         whose torch has FBGEMM's fp16 kernel; whether it did."""
-        linears = [self.lm_head, *(lin for layer in self.layers
-                                   for lin in (layer.qkv, layer.out, layer.gate_up, layer.down))]
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return False
+        return self._copies([self.lm_head, *self._products()], "half", rows=1, tol=1e-2)
+
+    def _copies(self, linears: list[_Linear], slot: str, rows: int, tol: float) -> bool:
+        """Fill ``slot`` (``packed`` or ``half``) of every product with its extra copy and check
+        the first layer's product on ``rows`` rows against the plain one. If this torch lacks
+        the kernel (another CPU, another build) or the result disagrees, the slots are emptied
+        again and the plain product serves. Whether the copies are in use."""
+        make = _Linear.pack if slot == "packed" else _Linear.pack_half
         try:
             for lin in linears:
-                lin.pack_half()
-            probe = torch.randn(1, self.hidden, dtype=self.dtype)
+                make(lin)
+            probe = torch.randn(rows, self.hidden, dtype=self.dtype)
             first = self.layers[0].qkv
-            exact = F.linear(probe, first.weight.T if first.transposed else first.weight,
+            plain = F.linear(probe, first.weight.T if first.transposed else first.weight,
                              first.bias)
-            if not torch.allclose(first(probe), exact, rtol=1e-2, atol=1e-2):
-                raise RuntimeError("the fp16 product disagrees")
-        except (RuntimeError, AttributeError, NotImplementedError):  # no FBGEMM (e.g. ARM)
+            if not torch.allclose(first(probe), plain, rtol=tol, atol=tol):
+                raise RuntimeError(f"the {slot} product disagrees")
+        except (RuntimeError, AttributeError, NotImplementedError):
             for lin in linears:
-                lin.half = None
+                setattr(lin, slot, None)
             return False
         return True
 
