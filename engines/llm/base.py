@@ -88,7 +88,7 @@ class BackendSpec:
     threads: int = 1  # CPU threads for the local model (0: torch's default)
     cache_sessions: int = 4  # sessions whose key/value cache the local model keeps
     fast: bool = True  # the lean Llama pass (local); False: always transformers ``generate``
-    half_decode: bool = True  # the lean pass decodes from fp16 weight copies (CPU)
+    half_decode: bool = True  # the lean pass computes from fp16 weight copies (CPU)
 
     @property
     def resolved(self) -> str:

@@ -155,7 +155,7 @@ class LocalBackend:
         self._fast = llama_fast.FastLlama(model, half_decode=self.spec.half_decode)
         self._eos = llama_fast.eos_ids(model)
         notes = [note for on, note in ((self._fast.packed, "prefill weights packed"),
-                                       (self._fast.half, "fp16 decode")) if on]
+                                       (self._fast.half, "fp16 products")) if on]
         return "llama_fast" + (f" ({', '.join(notes)})" if notes else "")
 
     def _add_stop_hooks(self, model: Any, module_list: type) -> None:
