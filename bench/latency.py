@@ -13,7 +13,8 @@ from --vad-early-ms).
 
 Chromium shares the two cores with the system it measures, which a real call does not (the
 browser runs on the user's device). ``--browser-nice 10`` runs it at a lower CPU priority, as
-close as one machine gets to that; the default, 0, lets it compete as an equal.
+close as one machine gets to that (it made no measurable difference here: see
+docs/performance.md); the default, 0, lets it compete as an equal.
 
     .venv/bin/python bench/latency.py [--turns 6] [--modes ptt,vad] [--gap 9] [--browser-nice 0]
                                       [-- SUPERVISOR ARGS]

@@ -129,7 +129,7 @@ class EndpointConfig:
     threshold: float = 0.5
     silence_s: float = 0.5  # hands-free: silence that ends a turn
     early_s: float = 0.12  # silence after which the turn ends early (0: never)
-    min_speech_s: float = 0.25  # hands-free: speech needed before a turn starts
+    min_speech_s: float = 0.25  # speech before a hands-free turn starts (or a ptt take counts)
     max_utterance_s: float = 30.0
     pre_roll_s: float = 0.3  # audio kept from before the onset (speech starts softly)
     tail_s: float = 0.1  # audio kept after the last speech (hands-free; silero lags ~60 ms)
@@ -216,12 +216,16 @@ class Endpointer:
         if take.early_sent:  # answered already, and nothing was said since
             return self._finish(now)
         if self._quiet(take):  # the user stopped speaking before letting go
-            return self._finish(now, limit=take.voiced_until + self._s(self.config.tail_s))
+            return self._finish(now, limit=self._speech_limit(take))
         take.stop_after = self._s(self.config.ptt_tail_s)
         take.stop_at = now
         if take.speech < self._s(self.config.min_speech_s):  # the VAD heard nothing to go by
             take.speech_end = now
         return []
+
+    def _speech_limit(self, take: _Take) -> int:
+        """Where a take's audio is cut: its last speech and ``tail_s`` after it."""
+        return take.voiced_until + self._s(self.config.tail_s)
 
     def _quiet(self, take: _Take) -> bool:
         """A push-to-talk take whose speech has been followed by ``ptt_quiet_s`` of silence."""
@@ -256,7 +260,7 @@ class Endpointer:
             if prob is not None:
                 self._track_voice(take, chunk, now)
                 if self._quiet(take):  # the rest in flight is silence: no need to wait for it
-                    return self._finish(now, limit=take.voiced_until + self._s(self.config.tail_s))
+                    return self._finish(now, limit=self._speech_limit(take))
             if take.stop_after <= 0:
                 return self._finish(now)
             return []
@@ -295,8 +299,8 @@ class Endpointer:
                 or (take.reason == "vad" and cfg.early_s >= cfg.silence_s)):
             return []
         take.early_sent = True
-        limit = take.voiced_until + self._s(cfg.tail_s)
-        return [End(_to_pcm(take.chunks, limit), take.reason, take.speech_end, early=True)]
+        return [End(_to_pcm(take.chunks, self._speech_limit(take)), take.reason, take.speech_end,
+                    early=True)]
 
     def _feed_vad(self, chunk: np.ndarray, prob: float, now: float) -> list[Event]:
         cfg = self.config
@@ -348,7 +352,7 @@ class Endpointer:
             self._keep_tail(take)
             return [Confirm(now)]
         if take.reason == "vad" and reason is None:
-            limit = take.voiced_until + self._s(self.config.tail_s)
+            limit = self._speech_limit(take)
         pcm = _to_pcm(take.chunks, limit)
         self._keep_tail(take)
         return [End(pcm, reason or take.reason, take.speech_end or now)]

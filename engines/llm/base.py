@@ -61,10 +61,6 @@ class Pause:
     def release(self) -> None:
         self._open.set()
 
-    @property
-    def held(self) -> bool:
-        return not self._open.is_set()
-
     def wait(self) -> None:
         """Block while held, at most until the hold lapses."""
         if not self._open.is_set():
