@@ -416,18 +416,26 @@ async def test_missing_local_model_fails_at_start_with_a_clear_message(broker, t
         resolve_model(BackendSpec(model=str(tmp_path / "x.gguf")))
 
 
-def test_history_is_bounded_and_text_only() -> None:
-    history = History(max_turns=2, max_chars=60)
+def test_history_is_bounded_in_halves_and_text_only() -> None:
+    history = History(max_turns=4, max_chars=100)
     history.add("one", "first reply")
     history.add("two", "")  # nothing produced: dropped, roles keep alternating
-    history.add("three", "third reply")
-    history.add("four", "fourth reply")
-    assert history.messages("sys", "five") == [
+    for user in ("three", "four", "five"):
+        history.add(user, f"{user} reply")
+    assert history.messages("sys", "six") == [
         {"role": "system", "content": "sys"},
-        {"role": "user", "content": "three"}, {"role": "assistant", "content": "third reply"},
-        {"role": "user", "content": "four"}, {"role": "assistant", "content": "fourth reply"},
-        {"role": "user", "content": "five"}]
+        *[{"role": role, "content": text} for user, reply in (
+            ("one", "first reply"), ("three", "three reply"), ("four", "four reply"),
+            ("five", "five reply")) for role, text in (("user", user), ("assistant", reply))],
+        {"role": "user", "content": "six"}]
+    # A fifth exchange: the oldest go at once, down to half the bound (the prompt's computed
+    # prefix then stays valid for the next turns).
+    history.add("six", "six reply")
+    assert [m["content"] for m in history.prefix("")] == ["five", "five reply",
+                                                          "six", "six reply"]
+    history.add("seven", "seven reply")
+    assert len(history) == 3
     history.add("long question " * 4, "long answer")
-    assert len(history) == 1  # the character budget drops the oldest first
+    assert len(history) == 1  # over the character budget: down to half of it, newest kept
     history.clear()
     assert history.messages("", "hi") == [{"role": "user", "content": "hi"}]

@@ -1,5 +1,10 @@
 """One call's conversation so far, bounded, and the prompt it starts from.
 
+When the history outgrows its bounds it is cut to half of them at once, not one exchange per
+turn: a local model keeps the computed prompt of a call (engines/llm/prefix_cache.py), which every
+cut invalidates from the system prompt on, so cutting in halves recomputes the history once every
+few turns instead of at every turn.
+
 Only text is kept: a picture belongs to the turn it was taken in and is never sent again. An
 interrupted reply is kept as far as it was produced (the user heard its start, and the model
 should know what it already said); an exchange where nothing was produced is dropped, so roles
@@ -33,23 +38,32 @@ def default_prompt(can_see: bool) -> str:
 
 
 class History:
-    """The last ``max_turns`` exchanges of a session, within ``max_chars`` of text."""
+    """At most ``max_turns`` recent exchanges of a session, within ``max_chars`` of text; past
+    either bound, the oldest go until half of it is left (the newest exchange always stays)."""
 
     def __init__(self, max_turns: int = 8, max_chars: int = 8_000) -> None:
+        self.max_turns = max(0, max_turns)
         self.max_chars = max_chars
-        self._turns: deque[tuple[str, str]] = deque(maxlen=max(0, max_turns))
+        self._turns: deque[tuple[str, str]] = deque()
 
     def __len__(self) -> int:
         return len(self._turns)
 
     def add(self, user: str, assistant: str) -> bool:
         """Record one exchange (whether it was: one without a reply is dropped)."""
-        if not self._turns.maxlen or not user.strip() or not assistant.strip():
+        if not self.max_turns or not user.strip() or not assistant.strip():
             return False
         self._turns.append((user.strip(), assistant.strip()))
-        while len(self._turns) > 1 and sum(len(u) + len(a) for u, a in self._turns) > self.max_chars:
-            self._turns.popleft()
+        if len(self._turns) > self.max_turns:
+            while len(self._turns) > max(1, self.max_turns // 2):
+                self._turns.popleft()
+        if self._chars() > self.max_chars:
+            while len(self._turns) > 1 and self._chars() > self.max_chars // 2:
+                self._turns.popleft()
         return True
+
+    def _chars(self) -> int:
+        return sum(len(u) + len(a) for u, a in self._turns)
 
     def drop_last(self) -> None:
         if self._turns:
