@@ -116,7 +116,8 @@ class LLMActor(Actor):
             max_tokens=max(1, settings.llm_max_tokens), image_detail=settings.llm_image_detail,
             timeout=max(0.1, settings.llm_timeout), retries=max(0, settings.llm_retries),
             cache_dir=settings.cache_dir, threads=max(0, settings.llm_threads),
-            cache_sessions=max(0, settings.llm_cache_sessions))
+            cache_sessions=max(0, settings.llm_cache_sessions), engine=settings.llm_engine,
+            prompt_threads=max(1, settings.llm_prompt_threads))
         self.backend: LLMBackend | None = None
         self._sessions: dict[str, SessionState] = {}
         self._told_blind = False

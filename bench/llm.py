@@ -2,17 +2,17 @@
 
 Direct backend calls (no bus), as the LLM actor makes them: the default bundled model (or
 ``--model``), the built-in spoken-assistant prompt, greedy decoding, the speech sentence splitter.
-Each path (the lean Llama pass with its per-session prefix caches, and plain transformers
-``generate``) answers the same calls: a cold first turn of a new session, then, after a pause (the
-user speaking), a second turn that repeats the first exchange in its history. "Prefill" is the
-worker's time from the start of a generation to its first token (tokenizing, prefilling the
-tokens not cached, and the first token); "TTFT" and "1st sentence" are seen from the caller.
-"Stop" is how long closing a reply's stream takes until the generation thread has really ended
-(the actor stops publishing at once; this is when the model is free again), while decoding and
-in the middle of a long prompt's prefill.
+Each path (llama.cpp on the GGUF, the lean torch Llama pass, both with per-session prefix
+caches, and plain transformers ``generate``) answers the same calls: a cold first turn of a new
+session, then, after a pause (the user speaking), a second turn that repeats the first exchange
+in its history. "Prefill" is the worker's time from the start of a generation to its first
+token (tokenizing, prefilling the tokens not cached, and the first token); "TTFT" and "1st
+sentence" are seen from the caller. "Stop" is how long closing a reply's stream takes until the
+generation thread has really ended (the actor stops publishing at once; this is when the model is
+free again), while decoding and in the middle of a long prompt's prefill.
 
     .venv/bin/python bench/llm.py [--model ID_OR_FOLDER] [--max-tokens 64] [--threads 1]
-                                  [--paths fast,fast32,transformers]
+                                  [--paths llama.cpp,fast,fast32,transformers]
 
 The last line is one JSON object with every figure.
 """
@@ -112,8 +112,9 @@ async def stop_latency(backend: LocalBackend, messages: list[ChatMessage],
 async def run_path(args: argparse.Namespace, path: str) -> dict[str, object]:
     backend = LocalBackend(BackendSpec(
         backend="local", model=args.model, device=args.device, max_tokens=args.max_tokens,
-        cache_dir=args.cache_dir, threads=args.threads, fast=path != "transformers",
-        half_decode=path == "fast"))
+        cache_dir=args.cache_dir, threads=args.threads,
+        engine={"llama.cpp": "llama.cpp", "transformers": "transformers"}.get(path, "torch"),
+        prompt_threads=args.prompt_threads, half_decode=path == "fast"))
     started = time.perf_counter()
     await backend.load()
     load_ms = (time.perf_counter() - started) * 1000
@@ -133,7 +134,7 @@ async def run_path(args: argparse.Namespace, path: str) -> dict[str, object]:
     await backend.aclose()
     if backend.fast is None:
         path = "transformers"
-    elif path == "fast" and not backend.fast.half:
+    elif path == "fast" and not getattr(backend.fast, "half", True):
         path = "fast32"  # no fp16 kernel in this torch
     out: dict[str, object] = {"path": path, "load_ms": round(load_ms), "warm_ms": round(warm_ms),
                               "stop_ms": round(max(stops), 1),
@@ -166,9 +167,12 @@ async def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch default)")
-    parser.add_argument("--paths", default="fast,fast32,transformers",
-                        help="comma-separated: fast (lean Llama pass, fp16 decode), fast32 "
-                             "(the same, fp32 decode), transformers")
+    parser.add_argument("--prompt-threads", type=int, default=2,
+                        help="llama.cpp's threads for a prompt")
+    parser.add_argument("--paths", default="llama.cpp,fast,fast32,transformers",
+                        help="comma-separated: llama.cpp (4-bit kernels on the GGUF), fast "
+                             "(lean torch Llama pass, fp16 decode), fast32 (the same, fp32 "
+                             "decode), transformers")
     parser.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent.parent / "cache"))
     args = parser.parse_args()
     logs.configure("bench", level="warning")
@@ -177,11 +181,13 @@ async def main() -> None:
     for path in args.paths.split(","):
         results[path] = await run_path(args, path)
     load = os.getloadavg()[0]
-    print(f"model {args.model or 'bundled SmolLM2-135M-Instruct'}, {args.threads} thread(s), "
+    print(f"model {args.model or 'bundled SmolLM2-135M-Instruct'}, {args.threads} thread(s) "
+          f"(llama.cpp prompts: {args.prompt_threads}), "
           f"max {args.max_tokens} tokens; load average {load:.2f} at the end")
     for result in results.values():
         print_path(result)
     figures: dict[str, object] = {"max_tokens": args.max_tokens, "threads": args.threads,
+                                  "prompt_threads": args.prompt_threads,
                                   "load_avg": round(load, 2)}
     for path, result in results.items():
         for key, value in result.items():

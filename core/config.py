@@ -114,6 +114,10 @@ GROUPS: dict[str, tuple[Option, ...]] = {
                "model name (openai), or Hugging Face id/folder or .gguf file (local); "
                "empty: the default"),
         Option("--llm-device", "auto", "cpu, cuda or auto (local backend)"),
+        Option("--llm-engine", "auto",
+               "runtime of a local model: llama.cpp (a .gguf on the CPU), torch (the lean pass "
+               "for Llama models), transformers (generate), or auto: the first that applies",
+               choices=("auto", "llama.cpp", "torch", "transformers")),
         Option("--llm-system-prompt", "", "system prompt; empty: the built-in spoken-assistant prompt"),
         Option("--llm-max-tokens", 160, "longest reply in tokens", type=int),
         Option("--llm-history-turns", 8,
@@ -126,6 +130,9 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         Option("--llm-threads", 1,
                "CPU threads of the local model (0: torch's default); 1 leaves the other core to "
                "speech recognition and synthesis", type=int),
+        Option("--llm-prompt-threads", 2,
+               "CPU threads llama.cpp computes a turn's prompt with (the other actors are idle "
+               "then)", type=int),
         Option("--llm-yield-ms", 1000,
                "a local model waits, at most this long, while its reply's first sentence is "
                "synthesised on the same CPU (0: never)", type=int),

@@ -30,8 +30,8 @@ SECOND = "And what is the capital of Germany?"
 @pytest.fixture(scope="module")
 def backend() -> Iterator[LocalBackend]:
     """The bundled model, loaded once for this file, on the lean pass."""
-    spec = BackendSpec(backend="local", max_tokens=NEW_TOKENS, cache_sessions=2,
-                       cache_dir=str(harness.ROOT / "cache"))
+    spec = BackendSpec(backend="local", engine="torch", max_tokens=NEW_TOKENS,
+                       cache_sessions=2, cache_dir=str(harness.ROOT / "cache"))
     loaded = LocalBackend(spec)
     asyncio.run(loaded.load())
     assert loaded.fast is not None  # SmolLM2 is a Llama

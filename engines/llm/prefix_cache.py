@@ -18,7 +18,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from engines.llm.llama_fast import KVCache
+from engines.llm.decoding import PromptCache
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -36,8 +36,8 @@ class PrefixCaches:
     def __init__(self, max_sessions: int) -> None:
         self.max_sessions = max(0, max_sessions)
         self._lock = threading.Lock()
-        self._sessions: OrderedDict[str, KVCache] = OrderedDict()
-        self._shared: KVCache | None = None
+        self._sessions: OrderedDict[str, PromptCache] = OrderedDict()
+        self._shared: PromptCache | None = None
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -52,7 +52,7 @@ class PrefixCaches:
         return sum(c.nbytes for c in caches)
 
     def checkout(self, session: str | None, prompt: Sequence[int],
-                 new_cache: Callable[[], KVCache]) -> KVCache:
+                 new_cache: Callable[[], PromptCache]) -> PromptCache:
         """The cache to run ``prompt`` into, already holding its longest known prefix.
 
         A session's own cache is cut back to what it shares with ``prompt``; a new session's
@@ -67,10 +67,7 @@ class PrefixCaches:
         if own is not None:
             own.truncate(common_prefix(own.ids, prompt))
             if shared is not None and from_shared > len(own.ids):
-                own.reserve(from_shared)  # (the prompt changed before its history: rare)
-                own.keys[:, :, :from_shared] = shared.keys[:, :, :from_shared]
-                own.values[:, :, :from_shared] = shared.values[:, :, :from_shared]
-                own.ids[:] = shared.ids[:from_shared]
+                own.load_prefix(shared, from_shared)  # (the prompt changed before its history)
             return own
         cache = shared.copy_prefix(from_shared) if shared is not None else new_cache()
         if session is not None and self.max_sessions:
@@ -80,12 +77,12 @@ class PrefixCaches:
                     self._sessions.popitem(last=False)
         return cache
 
-    def get(self, session: str) -> KVCache | None:
+    def get(self, session: str) -> PromptCache | None:
         """The cache kept for ``session`` (its order among the kept ones unchanged)."""
         with self._lock:
             return self._sessions.get(session)
 
-    def share(self, prefix: Sequence[int], cache: KVCache) -> None:
+    def share(self, prefix: Sequence[int], cache: PromptCache) -> None:
         """Keep the first ``len(prefix)`` positions of ``cache`` (which must match) for new
         sessions, unless that prefix is already kept."""
         n = len(prefix)
