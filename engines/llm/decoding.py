@@ -10,7 +10,7 @@ a loaded Llama). Both keep each session's computed prompt in a cache that
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, TypeVar
 
 
 class Stopped(Exception):
@@ -44,20 +44,48 @@ class PromptCache(Protocol):
     def nbytes(self) -> int: ...
 
 
-class Decoder(Protocol):
-    """Forward passes and greedy decoding over :class:`PromptCache` objects."""
+Logits = TypeVar("Logits")
 
-    def new_cache(self) -> PromptCache: ...
 
-    def forward(self, ids: list[int], cache: PromptCache, stop: StopFlag | None = None) -> object:
-        """Append ``ids`` to ``cache``; raises :class:`Stopped` when ``stop`` is set."""
+class Decoder(Protocol[Logits]):
+    """Forward passes over :class:`PromptCache` objects, and the choice of the next token."""
+
+    def forward(self, ids: list[int], cache: Any, stop: StopFlag | None = None) -> Logits:
+        """Append ``ids`` to ``cache``; the logits after the last of them. Raises
+        :class:`Stopped` when ``stop`` is set."""
         ...
 
-    def greedy(self, prompt: list[int], cache: PromptCache, max_new_tokens: int,
-               eos: set[int], repetition_penalty: float = 1.0,
-               stop: StopFlag | None = None) -> Iterator[int]:
-        """New tokens after ``prompt``; ``cache`` holds a prefix of it and is extended."""
+    def pick(self, logits: Logits, seen: set[int], repetition_penalty: float) -> int:
+        """The most likely token, under transformers' repetition penalty on ``seen``."""
         ...
+
+
+def greedy(decoder: Decoder[Logits], prompt: list[int], cache: PromptCache,
+           max_new_tokens: int, eos: set[int], repetition_penalty: float = 1.0,
+           stop: StopFlag | None = None) -> Iterator[int]:
+    """Yield new tokens greedily after ``prompt``, which extends ``cache.ids``.
+
+    ``cache`` must hold a prefix of ``prompt`` (possibly empty); the rest is computed. The
+    repetition penalty covers the prompt and the reply so far, as in transformers' ``generate``.
+    Raises :class:`Stopped` when ``stop`` is set.
+    """
+    past = len(cache.ids)
+    assert cache.ids == prompt[:past], "the cache is not a prefix of the prompt"
+    todo = prompt[past:]
+    if not todo:  # the whole prompt is cached: recompute the last position's logits
+        cache.truncate(past - 1)
+        todo = prompt[past - 1:]
+    seen = set(prompt)
+    logits = decoder.forward(todo, cache, stop)
+    for produced in range(max_new_tokens):
+        token = decoder.pick(logits, seen, repetition_penalty)
+        yield token
+        if token in eos or produced + 1 == max_new_tokens:
+            return
+        if stop is not None and stop.is_set():
+            raise Stopped
+        seen.add(token)
+        logits = decoder.forward([token], cache, stop)
 
 
 def eos_ids(generation_config: Any, config: Any) -> set[int]:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from engines.llm import decoding
 from engines.llm.decoding import StopFlag, Stopped
 
 PACKAGE = "gpt4all"  # the wheel whose prebuilt llama.cpp is used
@@ -303,35 +304,20 @@ class LlamaCpp:
         assert logits is not None, "nothing to run"
         return np.ctypeslib.as_array(logits, shape=(self.vocab,)).copy()
 
+    def pick(self, logits: np.ndarray, seen: set[int], repetition_penalty: float) -> int:
+        if repetition_penalty != 1.0 and seen:
+            index = np.fromiter(seen, dtype=np.int64, count=len(seen))
+            score = logits[index]
+            logits[index] = np.where(score < 0, score * repetition_penalty,
+                                     score / repetition_penalty)
+        return int(np.argmax(logits))
+
     def greedy(self, prompt: list[int], cache: SeqCache, max_new_tokens: int,
                eos: set[int], repetition_penalty: float = 1.0,
                stop: StopFlag | None = None) -> Iterator[int]:
-        """Yield new tokens greedily after ``prompt`` (transformers' repetition penalty over
-        the prompt and the reply so far); ``cache`` holds a prefix of ``prompt``."""
-        past = len(cache.ids)
-        assert cache.ids == prompt[:past], "the cache is not a prefix of the prompt"
-        todo = prompt[past:]
-        if not todo:  # the whole prompt is cached: recompute the last position's logits
-            cache.truncate(past - 1)
-            todo = prompt[past - 1:]
-        seen = np.array(sorted(set(prompt)), dtype=np.int64)
-        seen_set = set(prompt)
-        logits = self.forward(todo, cache, stop)
-        for produced in range(max_new_tokens):
-            if repetition_penalty != 1.0:
-                score = logits[seen]
-                logits[seen] = np.where(score < 0, score * repetition_penalty,
-                                        score / repetition_penalty)
-            token = int(np.argmax(logits))
-            yield token
-            if token in eos or produced + 1 == max_new_tokens:
-                return
-            if stop is not None and stop.is_set():
-                raise Stopped
-            if token not in seen_set:
-                seen_set.add(token)
-                seen = np.append(seen, token)
-            logits = self.forward([token], cache, stop)
+        """New tokens after ``prompt`` (see :func:`engines.llm.decoding.greedy`)."""
+        return decoding.greedy(self, prompt, cache, max_new_tokens, eos, repetition_penalty,
+                               stop)
 
     def close(self) -> None:
         """Free the context and the model (on the thread that runs the forward passes)."""

@@ -361,40 +361,22 @@ class FastLlama:
 
     # -- decoding
 
+    def pick(self, logits: torch.Tensor, seen: set[int], repetition_penalty: float) -> int:
+        if repetition_penalty != 1.0 and seen:
+            index = torch.tensor(list(seen), dtype=torch.long, device=logits.device)
+            score = logits[index]
+            logits[index] = torch.where(score < 0, score * repetition_penalty,
+                                        score / repetition_penalty)
+        return int(torch.argmax(logits))
+
     @torch.inference_mode()
     def greedy(self, prompt: list[int], cache: KVCache, max_new_tokens: int,
                eos: set[int], repetition_penalty: float = 1.0,
                stop: StopFlag | None = None) -> Iterator[int]:
-        """Yield new tokens greedily after ``prompt``, which extends ``cache.ids``.
-
-        ``cache`` must hold a prefix of ``prompt`` (possibly empty); the rest is prefilled.
-        The repetition penalty is transformers' (over the prompt and the reply so far). Raises
-        :class:`Stopped` when ``stop`` is set during a forward pass.
-        """
-        past = len(cache.ids)
-        assert cache.ids == prompt[:past], "the cache is not a prefix of the prompt"
-        todo = prompt[past:]
-        if not todo:  # the whole prompt is cached: recompute the last position's logits
-            cache.truncate(past - 1)
-            todo = prompt[past - 1:]
-        seen = torch.tensor(sorted(set(prompt)), dtype=torch.long, device=self.device)
-        seen_set = set(prompt)
-        logits = self.forward(todo, cache, stop)
-        penalty = repetition_penalty
-        for produced in range(max_new_tokens):
-            if penalty != 1.0:
-                score = logits[seen]
-                logits[seen] = torch.where(score < 0, score * penalty, score / penalty)
-            token = int(torch.argmax(logits))
-            yield token
-            if token in eos or produced + 1 == max_new_tokens:
-                return
-            if stop is not None and stop.is_set():
-                raise Stopped
-            if token not in seen_set:
-                seen_set.add(token)
-                seen = torch.cat((seen, torch.tensor([token], device=self.device)))
-            logits = self.forward([token], cache, stop)
+        """New tokens after ``prompt`` (see :func:`engines.llm.decoding.greedy`); a stop is
+        seen before every layer of a forward pass."""
+        yield from decoding.greedy(self, prompt, cache, max_new_tokens, eos,
+                                   repetition_penalty, stop)
 
 
 def eos_ids(model: Any) -> set[int]:
