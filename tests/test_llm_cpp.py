@@ -140,6 +140,12 @@ def test_a_full_context_is_reported_and_dropped_caches_free_it() -> None:
         del a  # its sequence is released on the next call
         decoder.forward(list(range(200, 200 + CHUNK)), b)
         assert len(b.ids) == CHUNK
+        # Sequences are a bounded pool too: all in use is reported, a dropped one comes back.
+        held = [decoder.new_cache() for _ in range(decoder.sequences - 1)]
+        with pytest.raises(CacheFull):
+            decoder.new_cache()
+        held.pop()
+        assert decoder.new_cache().ids == []
     finally:
         decoder.close()
 

@@ -39,7 +39,9 @@ from typing import Any
 import structlog
 
 from engines.llm.base import BackendSpec, ChatMessage, LLMError, ModelUnavailable, Pause
+from engines.llm.decoding import Stopped, eos_ids
 from engines.llm.gguf_convert import BUNDLED_NAME, bundled_gguf, ensure_converted
+from engines.llm.llama_cpp import CacheFull, LlamaCpp, LlamaCppUnavailable, loadable_gguf
 from engines.llm.prefix_cache import PrefixCaches, common_prefix
 
 _DONE = object()  # end of a generation, sent by the worker thread
@@ -134,8 +136,6 @@ class LocalBackend:
         gguf = model_gguf(self.spec)
         on_cpu = device == "cpu" or (device == "auto" and not _cuda_present())
         if engine in ("auto", "llama.cpp") and gguf is not None and on_cpu:
-            from engines.llm.llama_cpp import LlamaCppUnavailable
-
             try:
                 self._load_llama_cpp(source, gguf)
             except LlamaCppUnavailable as exc:
@@ -158,9 +158,6 @@ class LocalBackend:
     def _load_llama_cpp(self, source: str, gguf: Path) -> None:
         """llama.cpp computes from the GGUF; the converted folder gives the tokenizer."""
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-        from engines.llm.decoding import eos_ids
-        from engines.llm.llama_cpp import LlamaCpp, loadable_gguf
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
@@ -365,21 +362,18 @@ class LocalBackend:
         """Greedy decoding on llama.cpp or the lean Llama pass, reusing the session's cached
         prefix. If the context has no room left (llama.cpp) before the first token, every kept
         prefix is dropped and the prompt computed afresh, once."""
-        from engines.llm.decoding import Stopped
-        from engines.llm.llama_cpp import CacheFull
-
         started = time.perf_counter()
         prompt = self._ids(messages)
         streamer = _DeltaStreamer(self._tokenizer, emit)
         stopped = False
+        cache: Any = None
         for attempt in range(2):
-            cache = self._caches.checkout(session, prompt, self._fast.new_cache)
-            reused = len(cache.ids)
-            self.last_prefilled = len(prompt) - reused if reused < len(prompt) else 1
-            tokens = self._fast.greedy(prompt, cache, max_new_tokens, self._eos,
-                                       REPETITION_PENALTY, stop)
             try:
-                for token in tokens:
+                cache = self._caches.checkout(session, prompt, self._fast.new_cache)
+                reused = len(cache.ids)
+                self.last_prefilled = len(prompt) - reused if reused < len(prompt) else 1
+                for token in self._fast.greedy(prompt, cache, max_new_tokens, self._eos,
+                                               REPETITION_PENALTY, stop):
                     streamer.add(token)
                 streamer.end()
             except Stopped:
@@ -389,7 +383,7 @@ class LocalBackend:
                     raise
                 self._log.warning("llm_cache_full", session=session, prompt=len(prompt),
                                   sessions=len(self._caches), note="dropping kept prompts")
-                del cache, tokens
+                cache = None
                 self._caches.clear()
                 continue
             break
@@ -408,15 +402,13 @@ class LocalBackend:
             prefix = self._user_prefix([ChatMessage(role="system", content=system)])
             self._system_prefix = (system, prefix)
         prefix = self._system_prefix[1]
-        self._caches.share(prefix[:common_prefix(prefix, cache.ids)], cache)
+        with contextlib.suppress(CacheFull):  # no sequence free to keep it in: not kept
+            self._caches.share(prefix[:common_prefix(prefix, cache.ids)], cache)
 
     def _prefill_ahead(self, session: str, chat: list[ChatMessage],
                        halt: _Superseded) -> None:
         """Compute now what the next prompt of ``session`` will start with: ``chat`` and the
         opening of the next user message."""
-        from engines.llm.decoding import Stopped
-        from engines.llm.llama_cpp import CacheFull
-
         # First let the reply's first sentence be synthesised: the CPU is the voice's now.
         deadline = time.monotonic() + LOOKAHEAD_DELAY_S
         while time.monotonic() < deadline:
