@@ -2,8 +2,8 @@
 
 Why: decoding one token reads every weight once, so on a CPU its speed is the bytes read.
 llama.cpp computes straight from the GGUF's 4-bit blocks (the bundled SmolLM2 is Q4_1, ~90 MB),
-where the torch pass reads a half-precision copy three times that size: 14-16 ms per token on
-one core of the development machine against 37 ms (docs/performance.md).
+where the torch pass reads a half-precision copy three times that size: 15-19 ms per token on
+one core of the development machine against 34-40 ms (docs/performance.md).
 
 Where the library comes from: PyPI has no prebuilt llama-cpp-python (it compiles for minutes
 and its default native build crashed here), but the ``gpt4all`` wheel ships a prebuilt llama.cpp
@@ -15,9 +15,10 @@ have the layout it expects (:func:`check_abi`); anything unexpected raises
 Tokens come from the model's Hugging Face tokenizer (the caller's), so prompts are the same
 tokens as on the torch pass. The replies can differ after a while: llama.cpp multiplies the 4-bit
 weights with 8-bit-rounded activations (of ten test questions, five gave transformers' 24
-greedy tokens exactly, the others parted after 3 to 21). One llama.cpp context holds every session's computed
-prompt as a *sequence* of its key/value cache (:class:`SeqCache`): a session's prefix is shared
-with a new one by reference (``llama_kv_cache_seq_cp``), cut back with ``llama_kv_cache_seq_rm``.
+greedy tokens exactly, the others parted after 3 to 21). One llama.cpp context holds every
+session's computed prompt as a *sequence* of its key/value cache (:class:`SeqCache`): a
+session's prefix is shared with a new one by reference (``llama_kv_cache_seq_cp``), cut back with
+``llama_kv_cache_seq_rm``.
 Every call into the library happens on the caller's one worker thread; a cache dropped on
 another thread only queues its sequence for release there.
 
@@ -50,7 +51,7 @@ KQ_MASK_PAD = 32  # llama.cpp's least batch size
 CONTEXT_PER_SESSION = 2048  # key/value positions reserved per kept session
 DEFAULT_SEED = 0xFFFFFFFF
 # Pre-tokenizer names of newer GGUF files that this llama.cpp does not know, and the name of
-# the same splitting rule it knows (same length: the file is patched in place of a copy).
+# the same splitting rule it knows (of the same length: a copy of the file is patched).
 PRE_TOKENIZER_ALIASES = {b"smollm": b"refact"}
 _PRE_KEY = b"tokenizer.ggml.pre"
 _GGUF_STRING = 8
