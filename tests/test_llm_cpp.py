@@ -151,8 +151,8 @@ def test_a_full_context_is_reported_and_dropped_caches_free_it() -> None:
 
 
 async def test_the_backend_recovers_from_a_full_context(backend: LocalBackend) -> None:
-    small = LlamaCpp(loadable_gguf(bundled_gguf(), CACHE), sessions=2, context=64)
-    small.bytes_per_position = backend.fast.bytes_per_position
+    small = LlamaCpp(loadable_gguf(bundled_gguf(), CACHE), sessions=2, context=64,
+                     bytes_per_position=backend.fast.bytes_per_position)
     own = backend._fast
     backend._fast = small
     backend._caches.clear()

@@ -232,7 +232,8 @@ class LlamaCpp:
     """A GGUF model and one context on llama.cpp: forward passes and greedy decoding."""
 
     def __init__(self, gguf: Path, *, sessions: int, threads: int = 1, batch_threads: int = 2,
-                 context: int | None = None, library: Path | None = None) -> None:
+                 context: int | None = None, bytes_per_position: int = 0,
+                 library: Path | None = None) -> None:
         path = library or library_path()
         if path is None:
             raise LlamaCppUnavailable(f"no prebuilt llama.cpp: install the {PACKAGE} package")
@@ -257,7 +258,7 @@ class LlamaCpp:
             self._lib.llama_free_model(self._model)
             raise LlamaCppUnavailable("llama.cpp could not create a context (memory?)")
         self.vocab = int(self._lib.llama_n_vocab(self._model))
-        self.bytes_per_position = 0  # filled by the caller, who knows the model's shape
+        self.bytes_per_position = bytes_per_position  # of the KV cache (for memory figures)
         self._free = deque(range(self.sequences))
         self._released: deque[int] = deque()  # sequences of caches dropped, to clear here
         self._closed = threading.Event()

@@ -169,13 +169,14 @@ class LocalBackend:
         except Exception as exc:
             raise ModelUnavailable(f"cannot load the tokenizer of {source!r}: "
                                    f"{type(exc).__name__}: {str(exc)[:300]}") from exc
-        decoder = LlamaCpp(loadable_gguf(gguf, Path(self.spec.cache_dir)),
-                           sessions=self._caches.max_sessions, threads=self.spec.threads or 1,
-                           batch_threads=self.spec.prompt_threads)
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        decoder.bytes_per_position = config.num_hidden_layers * kv_heads * head_dim * 2 * 2
+        decoder = LlamaCpp(loadable_gguf(gguf, Path(self.spec.cache_dir)),
+                           sessions=self._caches.max_sessions, threads=self.spec.threads or 1,
+                           batch_threads=self.spec.prompt_threads,
+                           # keys and values, 2 bytes (f16) each
+                           bytes_per_position=config.num_hidden_layers * kv_heads * head_dim * 4)
         self._tokenizer, self._fast = tokenizer, decoder
         self._eos = eos_ids(generation, config)
 
