@@ -121,9 +121,9 @@ def group_sounds(onsets: list[float], offsets: list[float]) -> list[tuple[float,
 
 
 async def run_mode(mode: str, url: str, wav: Path, questions: list[str], gap_s: float,
-                   nice: int) -> dict:
+                   nice: int, flags: tuple[str, ...] = ()) -> dict:
     duration = LEAD_S + sum(len(say(q, RATE)) / RATE + gap_s for q in questions)
-    async with Chromium(mic=wav, nice=nice) as browser:
+    async with Chromium(mic=wav, nice=nice, extra_flags=flags) as browser:
         page = await browser.open(f"{url}?mode={mode}&raw=1&loopback=1")
         await page.wait_for("parley.state === 'connected'", timeout=30)
         if mode == "ptt":
@@ -185,6 +185,8 @@ async def main() -> None:
                         help="copy the system's log (every actor's lines) to this file")
     parser.add_argument("--browser-nice", type=int, default=0,
                         help="CPU niceness of Chromium (10: as if on another machine)")
+    parser.add_argument("--browser-flag", action="append", default=[],
+                        help="one more Chromium command-line flag (repeatable)")
     parser.add_argument("supervisor_args", nargs="*", help="extra flags for supervisor.py (after --)")
     args = parser.parse_args()
     results = {}
@@ -196,7 +198,7 @@ async def main() -> None:
             print(f"system ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)
             for mode in args.modes.split(","):
                 results[mode] = await run_mode(mode, system.url, wav, questions, args.gap,
-                                               args.browser_nice)
+                                               args.browser_nice, tuple(args.browser_flag))
             if args.keep_log is not None:
                 args.keep_log.write_text(system.output())
 

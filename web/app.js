@@ -199,10 +199,19 @@ setInterval(() => {
     parley.mic.firstLoudAt ??= parley.mic.lastLoudAt;
   }
   const pct = Math.min(100, Math.round(Math.sqrt(level) * 180));
-  ui.meterFill.style.width = `${pct}%`;
-  ui.meter.setAttribute("aria-valuenow", String(pct));
+  if (ui.meter.getAttribute("aria-valuenow") !== String(pct)) {
+    ui.meterFill.style.transform = `scaleX(${pct / 100})`;
+    ui.meter.setAttribute("aria-valuenow", String(pct));
+  }
   updateSpeakers();
 }, 50);
+
+/** Changes the DOM only when something changed: these run 20-40 times a second, and every
+ * write makes the page lay out and paint again, CPU that the user's device (or, in the
+ * benchmark, the two cores shared with the models) needs for the call. */
+function setText(el, text) {
+  if (el.textContent !== text) el.textContent = text;
+}
 
 // ----------------------------------------------------------------------------- display
 
@@ -218,8 +227,8 @@ function updateSpeakers() {
   const micActive = parley.mic.level > MIC_LOUD;
   const youActive = parley.talking || parley.userSpeaking || (parley.mode === "vad" && micActive);
   ui.you.classList.toggle("active", Boolean(youActive));
-  ui.youSub.textContent = parley.talking ? "talking" : parley.userSpeaking ? "speaking"
-    : parley.mode === "ptt" ? "hold to talk" : "listening";
+  setText(ui.youSub, parley.talking ? "talking" : parley.userSpeaking ? "speaking"
+    : parley.mode === "ptt" ? "hold to talk" : "listening");
   const latest = conversation.turns.get(conversation.latest);
   const thinking = latest && latest.speechEnd !== null && latest.onset === null
     && !latest.noSpeech && !latest.interrupted && !latest.done
@@ -227,7 +236,7 @@ function updateSpeakers() {
   const speaking = parley.remoteLoud;
   ui.ai.classList.toggle("active", speaking);
   ui.ai.classList.toggle("thinking", Boolean(thinking) && !speaking);
-  ui.aiSub.textContent = speaking ? "speaking" : thinking ? "thinking…" : "ready";
+  setText(ui.aiSub, speaking ? "speaking" : thinking ? "thinking…" : "ready");
 }
 
 function updateLatency() {
