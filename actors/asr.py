@@ -6,6 +6,11 @@ would only split the same cores. A session's new turn or an interrupt cancels th
 job; an utterance still waiting for the thread is then never decoded, and the result of one
 already decoding (a CTranslate2 call cannot be stopped) is discarded.
 
+A *partial* utterance (the audio so far of a turn still being spoken) is transcribed only when
+the thread is free, and its words go out as a partial transcript: a live caption, and the LLM's
+cue to compute them before the turn ends. It never waits, so it never delays a turn's end: the
+turn's real utterance cancels it like any newer job.
+
 Several ASR processes, here or on other hosts, share sessions through the runtime's membership
 (see ``bus/membership.py``): each session is transcribed by exactly one of them.
 """
@@ -48,6 +53,12 @@ class Asr(Actor):
         self.recognizer: Recognizer
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr")
         self._rejected: collections.Counter[str] = collections.Counter()
+        self._working = 0  # model calls running now (changed by the worker thread only)
+        self._waiting = 0  # utterances (not partial) queued or being decoded
+
+    @property
+    def _busy(self) -> bool:
+        return self._working > 0 or self._waiting > 0
 
     async def prepare(self) -> None:
         self.log.info("asr_loading", backend=self.spec.backend, model=self.spec.model,
@@ -79,11 +90,32 @@ class Asr(Actor):
         if problem:
             self._reject(msg, problem)
             return
+        if msg.partial:
+            if not self._busy:  # the latest words are worth it only if they come at once
+                self.jobs.start(msg.session, msg.turn, self._transcribe_partial(msg))
+            return
         self.jobs.start(msg.session, msg.turn, self._transcribe(msg, time.perf_counter()))
 
-    async def _transcribe(self, msg: Utterance, received: float) -> None:
+    async def _transcribe_partial(self, msg: Utterance) -> None:
+        started = time.perf_counter()
         result: Recognition = await self._in_worker(self.recognizer.recognise, msg.pcm,
                                                     msg.sample_rate)
+        if self.turns.current(msg.session) != msg.turn or not result.text:
+            return
+        self.publish(Transcript(session=msg.session, turn=msg.turn, text=result.text,
+                                language=result.language or self.spec.language,
+                                asr_ms=(time.perf_counter() - started) * 1000,
+                                audio_s=result.audio_s, partial=True))
+        self.log.debug("asr_partial", session=msg.session, turn=msg.turn,
+                       audio_s=round(result.audio_s, 2), whisper_ms=round(result.asr_ms))
+
+    async def _transcribe(self, msg: Utterance, received: float) -> None:
+        self._waiting += 1
+        try:
+            result: Recognition = await self._in_worker(self.recognizer.recognise, msg.pcm,
+                                                        msg.sample_rate)
+        finally:
+            self._waiting -= 1
         if self.turns.current(msg.session) != msg.turn:
             return  # interrupted while the model ran: nobody waits for this any more
         total_ms = (time.perf_counter() - received) * 1000
@@ -112,9 +144,17 @@ class Asr(Actor):
         self.publish(Control(session=msg.session, turn=msg.turn, kind=ControlKind.STATE,
                              state=NO_SPEECH, text=reason))
 
+    def _run(self, fn: Callable[..., T], *args: object) -> T:
+        """In the worker thread: ``fn``, counted while it runs."""
+        self._working += 1
+        try:
+            return fn(*args)
+        finally:
+            self._working -= 1
+
     async def _in_worker(self, fn: Callable[..., T], *args: object, waiting: str = "") -> T:
         """Run ``fn`` in the worker thread; log ``waiting`` every few seconds until it is done."""
-        future = asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        future = asyncio.get_running_loop().run_in_executor(self._worker, self._run, fn, *args)
         if not waiting:
             return await future
         started = time.monotonic()

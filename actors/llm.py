@@ -145,6 +145,8 @@ class LLMActor(Actor):
     async def handle(self, msg: Message) -> None:
         if isinstance(msg, Frame):
             self._state(msg.session).frame = msg
+        elif isinstance(msg, Transcript) and msg.partial:
+            self._read_ahead(msg)
         elif isinstance(msg, Transcript):
             self._start_reply(msg)
         elif isinstance(msg, Control):
@@ -178,6 +180,18 @@ class LLMActor(Actor):
             state = SessionState(History(self.settings.llm_history_turns))
             self._sessions[session] = state
         return state
+
+    def _read_ahead(self, msg: Transcript) -> None:
+        """The words so far of a turn still being spoken: a local model computes them now, so
+        that the turn's end leaves it only the rest of the prompt."""
+        state = self._sessions.get(msg.session)
+        if (self.backend is None or not msg.text.strip() or self.jobs.running(msg.session)
+                or (state is not None and msg.turn <= state.turn)):
+            return  # no model, nothing said, or a reply still running (it has the worker)
+        state = self._state(msg.session)
+        state.commit()  # the previous reply is over (its turn was interrupted or it ended)
+        self.backend.prepare(msg.session, state.history.prefix(self._system_prompt(self.backend)),
+                             words=msg.text.strip())
 
     def _start_reply(self, msg: Transcript) -> None:
         state = self._state(msg.session)

@@ -48,7 +48,7 @@ from rtc.peer import (
     shorten_audio_jitter,
 )
 from rtc.snapshot import LatestFrame, encode_jpeg
-from rtc.vad import Confirm, End, EndpointConfig, Event, Onset, Resume, SileroVad
+from rtc.vad import Confirm, End, EndpointConfig, Event, Onset, Partial, Resume, SileroVad
 
 MODES = ("vad", "ptt")
 TICK_S = 0.1  # without microphone audio, the listener still sees time pass (push-to-talk tail)
@@ -105,7 +105,7 @@ class MediaActor(Actor):
                                "--min-speech-ms not negative")
         self._endpoint = EndpointConfig(
             threshold=s.vad_threshold, silence_s=s.vad_silence_ms / 1000,
-            early_s=s.vad_early_ms / 1000,
+            early_s=s.vad_early_ms / 1000, partial_s=max(0, s.partial_ms) / 1000,
             min_speech_s=s.min_speech_ms / 1000, max_utterance_s=s.max_utterance_s)
         if s.ice_loopback:
             offer_loopback_candidates()
@@ -329,6 +329,13 @@ class MediaActor(Actor):
             call.track.release(call.user_turn)
             self._state(call, "listening")
             self.log.info("speech_end_confirmed", session=session, turn=call.user_turn)
+        elif isinstance(event, Partial):
+            turn = max(call.user_turn, self.turns.current(session))
+            partial = Utterance(session=session, turn=turn, pcm=event.pcm, reason=event.reason,
+                                partial=True)
+            self.publish(partial)
+            self.log.debug("utterance_partial", session=session, turn=turn,
+                           s=round(partial.duration, 2))
         elif isinstance(event, End):
             # a page interrupt during the speech moved the turn on: the utterance belongs to it
             turn = max(call.user_turn, self.turns.current(session))

@@ -157,7 +157,7 @@ def event_for(msg: Message) -> dict[str, Any] | None:
     base: dict[str, Any] = {"turn": msg.turn}
     if isinstance(msg, Transcript):
         return {"type": "transcript", **base, "text": msg.text, "language": msg.language,
-                "asr_ms": msg.asr_ms, "audio_s": msg.audio_s}
+                "asr_ms": msg.asr_ms, "audio_s": msg.audio_s, "partial": msg.partial}
     if isinstance(msg, Token):
         return {"type": "token", **base, "text": msg.text, "index": msg.index}
     if isinstance(msg, Sentence):

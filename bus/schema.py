@@ -109,6 +109,7 @@ class Utterance(Message):
     sample_rate: int = PCM_RATE
     reason: str = "vad"  # vad | ptt | max_length
     speech_end: float = 0.0  # wall-clock time the user stopped speaking
+    partial: bool = False  # the turn's audio so far, the user still speaking (for early words)
 
     @property
     def duration(self) -> float:
@@ -137,6 +138,7 @@ class Transcript(Message):
     language: str = ""
     asr_ms: float = 0.0
     audio_s: float = 0.0
+    partial: bool = False  # the words so far of a turn still being spoken (a live caption)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -84,6 +84,9 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         Option("--vad-early-ms", 120,
                "silence after which a hands-free turn is answered speculatively, played only "
                "once --vad-silence-ms confirms it (0: off)", type=int),
+        Option("--partial-ms", 600,
+               "while the user speaks, the words so far are transcribed this often: a live "
+               "caption, and a local LLM computes them before the turn ends (0: off)", type=int),
         Option("--min-speech-ms", 250,
                "speech needed before it counts (barge-in and utterance)", type=int),
         Option("--max-utterance-s", 30.0, "longest utterance; longer speech is cut", type=float),

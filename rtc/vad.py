@@ -121,7 +121,16 @@ class Resume:
     at: float
 
 
-Event = Onset | End | Confirm | Resume
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """The audio so far of a turn the user is still speaking: for its words to be known early
+    (a live caption, and a model that reads them before the turn ends). Never a turn's end."""
+
+    pcm: bytes
+    reason: str  # vad | ptt
+
+
+Event = Onset | End | Confirm | Resume | Partial
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +145,7 @@ class EndpointConfig:
     ptt_tail_s: float = 0.2  # audio kept after a talk release (still in flight)
     ptt_quiet_s: float = 0.1  # push-to-talk: silence after speech that makes a release final
     pending_gap_s: float = 0.2  # silence that cancels a not-yet-confirmed onset
+    partial_s: float = 0.0  # while speech goes on, its audio so far this often (0: never)
     rate: int = PCM_RATE
 
     @property
@@ -159,6 +169,7 @@ class _Take:
     early_sent: bool = False  # an early End went out and is neither confirmed nor resumed
     stop_after: int | None = None  # push-to-talk released: samples still to take
     stop_at: float = 0.0
+    partial_at: int = 0  # sample position of the last Partial
 
     def add(self, chunk: np.ndarray) -> None:
         self.chunks.append(chunk)
@@ -269,7 +280,7 @@ class Endpointer:
             take.speech_end = now
             return events + self._finish(now, reason="max_length")
         if take.speech >= self._s(self.config.min_speech_s):
-            events += self._early_end(take)
+            events += self._early_end(take) or self._partial(take)
         return events
 
     def _is_voiced(self, prob: float | None) -> bool:
@@ -331,7 +342,16 @@ class Endpointer:
         if take.samples >= self._s(cfg.max_utterance_s):
             take.speech_end = now
             return events + self._finish(now, reason="max_length")
-        return events + self._early_end(take)
+        return events + (self._early_end(take) or self._partial(take))
+
+    def _partial(self, take: _Take) -> list[Event]:
+        """A Partial every ``partial_s`` of a confirmed take, while its speech goes on."""
+        every = self._s(self.config.partial_s)
+        if (every <= 0 or not self._voiced or take.early_sent or take.speech < every
+                or take.samples - take.partial_at < every):
+            return []
+        take.partial_at = take.samples
+        return [Partial(_to_pcm(take.chunks), take.reason)]
 
     def _remember(self, chunk: np.ndarray) -> None:
         limit = self._s(self.config.pre_roll_s)

@@ -322,3 +322,26 @@ def test_a_second_segment_that_starts_the_first_over_is_dropped():
         "What is the capital of France?"]
     assert _segments_within(first + other, Words(), audio_s=2.0) == [
         "What is the capital of France?", "What is Paris."]
+
+
+async def test_partial_utterances_give_early_words_only_when_the_model_is_free(broker, actors):
+    await actors.start("asr")
+    question = say("What is the capital of France?")
+    async with harness.client(broker, [TRANSCRIPT, CONTROL, METRICS]) as bus:
+        # the words so far of a turn still being spoken: a partial transcript, no metric
+        bus.publish(Utterance(session="p1", turn=1, pcm=question.astype("<i2").tobytes(),
+                              partial=True))
+        partial = await harness.recv_until(bus, lambda m: isinstance(m, Transcript), TIMEOUT)
+        assert partial.partial and partial.session == "p1" and partial.turn == 1
+        assert {"capital", "france"} <= normalise(partial.text), partial.text
+        # while a turn's utterance is being decoded, a partial one is dropped, not queued
+        long_speech = np.tile(question, 6)
+        bus.publish(utterance("p2", long_speech))
+        await asyncio.sleep(0.2)  # the model has started on it
+        bus.publish(Utterance(session="p3", turn=1, pcm=question.astype("<i2").tobytes(),
+                              partial=True))
+        after = await harness.collect(bus, lambda m: isinstance(m, Transcript | Metric), 8.0)
+    assert [m.session for m in after if isinstance(m, Transcript)] == ["p2"]
+    assert not any(m.partial for m in after if isinstance(m, Transcript))
+    assert [m.stage for m in after if isinstance(m, Metric)] == ["transcript"]
+    assert not [m for m in after if isinstance(m, Metric) and m.session == "p1"]

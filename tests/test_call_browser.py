@@ -150,7 +150,7 @@ async def test_hands_free_call_utterance_frame_reply_and_interrupt(stack: Stack,
         session = await connected(page)
 
         # The question arrives as one utterance of its length, with a camera frame.
-        utt = await harness.recv_until(stack.bus, of(session, Utterance), 25)
+        utt = await harness.recv_until(stack.bus, of(session, Utterance, partial=False), 25)
         expected = speech_extent(speech, 48_000)
         assert utt.reason == "vad"
         assert abs(utt.duration - expected) <= 0.2 * expected, (utt.duration, expected)
@@ -232,7 +232,7 @@ async def test_push_to_talk_sends_what_was_said_while_held(stack: Stack, questio
         await page.key(" ", "Space", 32, down=False)
         assert not await page.evaluate("parley.talking")
         released = await page.evaluate("performance.timeOrigin + performance.now()")
-        utt = await harness.recv_until(stack.bus, of(session, Utterance), 10)
+        utt = await harness.recv_until(stack.bus, of(session, Utterance, partial=False), 10)
         held_s = (released - pressed) / 1000
         assert utt.reason == "ptt"
         assert abs(utt.duration - held_s) <= 0.2 * held_s, (utt.duration, held_s)

@@ -90,6 +90,11 @@ async def test_a_spoken_question_is_answered_aloud_in_both_modes(tmp_path, quiet
         assert turn["assistant"].strip() and turn["v2v"] > 0
         assert set(turn["stages"]) >= {"transcript", "first_token", "first_sentence",
                                         "first_packet", "first_sent"}
+        # the words were shown while they were being said, then replaced by the final ones
+        captions = await page.evaluate(
+            f"parley.events.filter((e) => e.type === 'transcript' && e.turn === {turn['turn']})"
+            ".map((e) => e.partial)")
+        assert captions[0] is True and captions[-1] is False, captions
         # the same call in push-to-talk: nothing happens until the talk button is held
         await page.evaluate("parley.setMode('ptt')")
         await page.evaluate("parley.talk(true)")

@@ -195,3 +195,30 @@ async def test_without_llama_cpp_the_torch_pass_serves(monkeypatch: pytest.Monke
     assert isinstance(fallback.fast, FastLlama)
     assert "Paris" in await reply(fallback, chat(FIRST))
     await fallback.aclose()
+
+
+async def test_words_said_so_far_are_computed_before_the_turn_ends(
+        backend: LocalBackend) -> None:
+    await backend.warm(SYSTEM)
+    history = chat(FIRST)[:-1]  # the system prompt: a new call's first turn
+    # A partial transcript while the user still speaks, then a later, longer one.
+    backend.prepare("words", history, words="What is the")
+    backend.prepare("words", history, words="What is the capital of")
+    await backend.idle()
+    final = chat(FIRST)
+    final_ids = ids_of(backend, final)
+    answer = await reply(backend, final, session="words")
+    # Only the last words and the template's end of the message were left to compute...
+    assert backend.last_prefilled <= 8, backend.last_prefilled
+    # ...and the answer is the one a cold start gives.
+    decoder = backend.fast
+    cold_ids = list(decoder.greedy(final_ids, decoder.new_cache(), 24, backend._eos,
+                                   REPETITION_PENALTY))
+    assert answer == backend.tokenizer.decode(cold_ids, skip_special_tokens=True)
+    # Words the user then took back (Whisper heard them differently): only what still
+    # matches is reused, and the answer is unchanged.
+    backend.prepare("words2", history, words="Where is the cap")
+    await backend.idle()
+    assert await reply(backend, final, session="words2") == answer
+    backend.forget("words")
+    backend.forget("words2")

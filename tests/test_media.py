@@ -50,7 +50,7 @@ from rtc.peer import (
     parse_ice_servers,
     shorten_audio_jitter,
 )
-from rtc.vad import CHUNK, End, EndpointConfig, Endpointer, Onset
+from rtc.vad import CHUNK, End, EndpointConfig, Endpointer, Onset, Partial
 from tests import harness
 from tests.speech import opus_packets, say
 
@@ -279,7 +279,7 @@ async def test_hands_free_utterance_and_frame(broker, actors):
         await c.log.wait(control(c.session, ControlKind.STATE, state="listening"))
         c.peer.mic.speak(np.concatenate([np.zeros(RATE // 2, np.int16), speech]))
         onset = await c.log.wait(control(c.session, ControlKind.INTERRUPT))
-        utterance = await c.log.wait(of(Utterance, c.session), timeout=20)
+        utterance = await c.log.wait(of(Utterance, c.session, partial=False), timeout=20)
         frame = await c.log.wait(of(Frame, c.session))
         metric = await c.log.wait(of(Metric, c.session, stage="speech_end"))
         # the utterance leaves at an early end of speech; "listening" follows once confirmed
@@ -320,7 +320,7 @@ async def test_push_to_talk_utterance_lasts_as_long_as_the_press_then_mode_switc
         await asyncio.sleep(1.0)
         # The pauses between the repeats may each have been answered early (and voided by the
         # speech after them); the turn's own utterance is the last, and holds the whole press.
-        utterance = max(c.log.find(of(Utterance, c.session)), key=lambda u: u.turn)
+        utterance = max(c.log.find(of(Utterance, c.session, partial=False)), key=lambda u: u.turn)
         frame = await c.log.wait(of(Frame, c.session, turn=utterance.turn))
         assert utterance.reason == "ptt"
         assert abs(utterance.duration - held) <= 0.2 * held, (utterance.duration, held)
@@ -331,7 +331,8 @@ async def test_push_to_talk_utterance_lasts_as_long_as_the_press_then_mode_switc
         c.bus.publish(Control(session=c.session, kind=ControlKind.MODE, mode="vad"))
         await asyncio.sleep(0.3)
         c.peer.mic.speak(speech)
-        second = await c.log.wait(of(Utterance, c.session, turn=utterance.turn + 1), timeout=20)
+        second = await c.log.wait(of(Utterance, c.session, turn=utterance.turn + 1, partial=False),
+                                 timeout=20)
     assert second.reason == "vad"
 
 
@@ -561,3 +562,31 @@ def test_push_to_talk_answers_a_pause_early_and_a_quiet_release_at_once():
     # no VAD at all (a whisper, a muted model): the release waits for the tail as before
     ep, events = held([0.0] * 20)
     assert not ep.talk_stop(21.0) and not [e for e in events if isinstance(e, End)]
+
+
+def test_endpointer_sends_the_words_so_far_while_the_user_speaks():
+    cfg = EndpointConfig(threshold=0.5, silence_s=0.5, min_speech_s=0.25, early_s=0.2,
+                         pre_roll_s=0.0, tail_s=0.1, partial_s=0.5)
+    chunk = np.full(CHUNK, 0.1, dtype=np.float32)
+    every = 16  # chunks of 32 ms in 0.5 s, rounded up
+
+    def run(ep: Endpointer, probs: list[float]) -> list[tuple[int, object]]:
+        return [(i, e) for i, p in enumerate(probs) for e in ep.feed(chunk, p, now=float(i))]
+
+    # 1.6 s of speech: the audio so far after 0.5, 1.0 and 1.5 s of it, none during the pause
+    events = run(Endpointer(cfg), [0.9] * 50 + [0.1] * 20)
+    partials = [(i, e) for i, e in events if isinstance(e, Partial)]
+    assert [i for i, _ in partials] == [every - 1, 2 * every - 1, 3 * every - 1]
+    assert [len(e.pcm) // 2 for _, e in partials] == [every * CHUNK, 2 * every * CHUNK,
+                                                      3 * every * CHUNK]
+    assert all(e.reason == "vad" for _, e in partials)
+    assert [type(e).__name__ for _, e in events if not isinstance(e, Partial)] == [
+        "Onset", "End", "Confirm"]
+    # push-to-talk: while the button is held, the same
+    ep = Endpointer(cfg, mode="ptt")
+    ep.talk_start(0.0)
+    held = [e for _, e in run(ep, [0.9] * 40) if isinstance(e, Partial)]
+    assert len(held) == 2 and held[0].reason == "ptt"
+    # off by default
+    assert not [e for _, e in run(Endpointer(EndpointConfig()), [0.9] * 200)
+                if isinstance(e, Partial)]

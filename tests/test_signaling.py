@@ -126,6 +126,7 @@ async def test_offer_and_controls_reach_the_bus_and_events_only_their_page(broke
         assert got["interrupt"]["void"] is True  # the early-ended turn 2 is superseded
         assert got["metric"]["stage"] == "speech_end" and got["metric"]["at"] == 1000.0
         assert got["transcript"]["text"] == "hello there" and got["token"]["text"] == "Hi"
+        assert got["transcript"]["partial"] is False  # the final words, not a live caption
         assert got["sentence"]["final"] is True and got["state"]["state"] == "assistant_speaking"
         assert got["error"]["text"] == "tts failed" and got["error"]["source"] == "tts"
 

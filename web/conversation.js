@@ -25,7 +25,7 @@ export class Conversation {
     let t = this.turns.get(turn);
     if (!t) {
       t = {
-        turn, user: "", assistant: "", tokens: new Set(), sentences: new Map(),
+        turn, user: "", userPartial: false, assistant: "", tokens: new Set(), sentences: new Map(),
         speechEnd: null, stages: {}, onset: null, v2v: null, done: false,
         interrupted: false, noSpeech: false, el: null,
       };
@@ -50,7 +50,9 @@ export class Conversation {
         }
         return t;
       case "transcript":
+        if (msg.partial && t.user && !t.userPartial) break; // the final words came already
         t.user = msg.text;
+        t.userPartial = Boolean(msg.partial); // words so far, the user still speaking
         break;
       case "token":
         if (t.tokens.has(msg.index)) return t;
@@ -134,6 +136,7 @@ export class Conversation {
     user.textContent = t.user || (waiting ? "…" : "");
     user.parentElement.hidden = !t.user && !waiting;
     user.parentElement.classList.toggle("pending", !t.user);
+    user.parentElement.classList.toggle("live", Boolean(t.user && t.userPartial));
     reply.textContent = t.assistant;
     const bubble = reply.parentElement;
     bubble.hidden = !t.assistant;

@@ -121,9 +121,10 @@ class LLMBackend(Protocol):
         """
         ...
 
-    def prepare(self, session: str, messages: list[ChatMessage]) -> None:
-        """The next request of ``session`` will start with ``messages``: a backend may compute
-        what it can now (the local model, its key/value cache). Never blocks."""
+    def prepare(self, session: str, messages: list[ChatMessage], words: str = "") -> None:
+        """The next request of ``session`` will start with ``messages`` (then a user message
+        that begins with ``words``, when given: what the user has said so far): a backend may
+        compute what it can now (the local model, its key/value cache). Never blocks."""
         ...
 
     def forget(self, session: str) -> None:

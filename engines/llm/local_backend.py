@@ -247,14 +247,15 @@ class LocalBackend:
             pass
         self._log.info("llm_warm", ms=round((time.perf_counter() - started) * 1000))
 
-    def prepare(self, session: str, messages: list[ChatMessage]) -> None:
+    def prepare(self, session: str, messages: list[ChatMessage], words: str = "") -> None:
         """Prefill the next prompt's opening on the worker, in the time the user takes to hear
-        the reply and answer; the next generation stops it at once."""
-        if self._fast is None or session not in self._caches:
+        the reply and answer, or (``words``) the user's words so far while they speak; the next
+        generation stops it at once."""
+        if self._fast is None or (session not in self._caches and not words):
             return
         superseded = _Superseded(self, self._epoch)
         with contextlib.suppress(RuntimeError):  # the backend was closed meanwhile
-            self._executor.submit(self._prefill_ahead, session, list(messages), superseded)
+            self._executor.submit(self._prefill_ahead, session, list(messages), superseded, words)
 
     def forget(self, session: str) -> None:
         self._caches.forget(session)
@@ -406,35 +407,44 @@ class LocalBackend:
         with contextlib.suppress(CacheFull):  # no sequence free to keep it in: not kept
             self._caches.share(prefix[:common_prefix(prefix, cache.ids)], cache)
 
-    def _prefill_ahead(self, session: str, chat: list[ChatMessage],
-                       halt: _Superseded) -> None:
+    def _prefill_ahead(self, session: str, chat: list[ChatMessage], halt: _Superseded,
+                       words: str = "") -> None:
         """Compute now what the next prompt of ``session`` will start with: ``chat`` and the
-        opening of the next user message."""
-        # First let the reply's first sentence be synthesised: the CPU is the voice's now.
-        deadline = time.monotonic() + LOOKAHEAD_DELAY_S
-        while time.monotonic() < deadline:
-            if halt.is_set():
-                return
-            time.sleep(0.02)
-        cache = self._caches.get(session)
-        if cache is None or halt.is_set():
+        opening of the next user message (up to ``words``, the user's words so far)."""
+        if not words:
+            # First let the reply's first sentence be synthesised: the CPU is the voice's now.
+            deadline = time.monotonic() + LOOKAHEAD_DELAY_S
+            while time.monotonic() < deadline:
+                if halt.is_set():
+                    return
+                time.sleep(0.02)
+        if halt.is_set():
             return
-        ids = self._user_prefix(chat)
-        cache.truncate(common_prefix(cache.ids, ids))
-        todo = ids[len(cache.ids):]
+        ids = self._user_prefix(chat, words)
+        todo: list[int] = []
         stopped = False
-        if todo:
-            try:
+        try:
+            if words:  # a new session's cache starts from the shared system prompt
+                cache = self._caches.checkout(session, ids, self._fast.new_cache)
+            elif (cache := self._caches.get(session)) is None:
+                return
+            cache.truncate(common_prefix(cache.ids, ids))
+            todo = ids[len(cache.ids):]
+            if todo:
                 self._fast.forward(todo, cache, halt)
-            except (Stopped, CacheFull):
-                stopped = True  # the next turn is here already (or no room): it computes it
+        except (Stopped, CacheFull):
+            stopped = True  # the next turn is here already (or no room): it computes it
         self._log.debug("llm_prefilled_ahead", session=session, tokens=len(todo),
-                        stopped=stopped)
+                        words=bool(words), stopped=stopped)
 
-    def _user_prefix(self, chat: list[ChatMessage]) -> list[int]:
-        """The tokens that every prompt of ``chat`` followed by a user message starts with."""
-        one = self._ids([*chat, ChatMessage(role="user", content="a")], generation_prompt=False)
-        two = self._ids([*chat, ChatMessage(role="user", content="z")], generation_prompt=False)
+    def _user_prefix(self, chat: list[ChatMessage], words: str = "") -> list[int]:
+        """The tokens that every prompt of ``chat`` followed by a user message starting with
+        ``words`` starts with."""
+        lead = f"{words} " if words else ""
+        one = self._ids([*chat, ChatMessage(role="user", content=f"{lead}a")],
+                        generation_prompt=False)
+        two = self._ids([*chat, ChatMessage(role="user", content=f"{lead}z")],
+                        generation_prompt=False)
         return one[:common_prefix(one, two)]
 
     def _ids(self, messages: list[ChatMessage], generation_prompt: bool = True) -> list[int]:

@@ -46,7 +46,7 @@ class OpenAIBackend:
     async def warm(self, system: str = "") -> None:
         """Nothing to warm: a request now would cost money and prove little."""
 
-    def prepare(self, session: str, messages: list[ChatMessage]) -> None:
+    def prepare(self, session: str, messages: list[ChatMessage], words: str = "") -> None:
         """Nothing to prepare: the endpoint sees the chat with the request."""
 
     def forget(self, session: str) -> None:
