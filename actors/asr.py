@@ -100,9 +100,10 @@ class Asr(Actor):
         started = time.perf_counter()
         result: Recognition = await self._in_worker(self.recognizer.recognise, msg.pcm,
                                                     msg.sample_rate)
-        if self.turns.current(msg.session) != msg.turn or not result.text:
+        words = result.text.rstrip(".?!…")  # cut mid-sentence: Whisper's full stop is not one
+        if self.turns.current(msg.session) != msg.turn or not words:
             return
-        self.publish(Transcript(session=msg.session, turn=msg.turn, text=result.text,
+        self.publish(Transcript(session=msg.session, turn=msg.turn, text=words,
                                 language=result.language or self.spec.language,
                                 asr_ms=(time.perf_counter() - started) * 1000,
                                 audio_s=result.audio_s, partial=True))

@@ -72,7 +72,10 @@ export class Conversation {
         else t.stages[msg.stage] = msg;
         break;
       case "state":
-        if (msg.state === "no_speech") t.noSpeech = true;
+        if (msg.state === "no_speech") {
+          t.noSpeech = true;
+          if (t.userPartial) t.user = ""; // the caption was not speech after all
+        }
         break;
       default:
         return null;
