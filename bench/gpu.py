@@ -64,25 +64,15 @@ def p95(xs: list[float]) -> float:
     return sorted(xs)[min(len(xs) - 1, round(0.95 * (len(xs) - 1)))]
 
 
-def load_whisper(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
+def load(name: str, pretrained: type, build: Callable[[], torch.nn.Module],
+         device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The weights of ``name`` (a folder or id), or without one ``build()``: the bundled shapes,
+    random weights (seeded, so every run times the same model)."""
     if name:
-        model = WhisperForConditionalGeneration.from_pretrained(name, dtype=dtype)
+        model = pretrained.from_pretrained(name, dtype=dtype)
     else:
         torch.manual_seed(0)
-        model = WhisperForConditionalGeneration(WhisperConfig(**WHISPER_TINY_EN)).to(dtype)
-    return model.to(device).eval()
-
-
-def load_llm(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    if name:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    else:
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(dtype)
+        model = build().to(dtype)
     return model.to(device).eval()
 
 
@@ -168,10 +158,21 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     weights = "real" if (args.asr or args.llm) else "random (bundled shapes: timing only)"
 
-    asr = bench_whisper(load_whisper(args.asr, device, dtype), device, dtype, args.asr_tokens,
-                        args.reps)
-    llm = bench_llm(load_llm(args.llm, device, dtype), device, args.history, args.new_tokens,
-                    args.decode, args.reps)
+    from transformers import (
+        AutoModelForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        WhisperConfig,
+        WhisperForConditionalGeneration,
+    )
+
+    whisper = load(args.asr, WhisperForConditionalGeneration,
+                   lambda: WhisperForConditionalGeneration(WhisperConfig(**WHISPER_TINY_EN)),
+                   device, dtype)
+    asr = bench_whisper(whisper, device, dtype, args.asr_tokens, args.reps)
+    llm_model = load(args.llm, AutoModelForCausalLM,
+                     lambda: LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)), device, dtype)
+    llm = bench_llm(llm_model, device, args.history, args.new_tokens, args.decode, args.reps)
 
     print(f"\nModel stages on {name}, {args.dtype}, weights {weights}, {args.reps} reps\n")
     print(f"  {'stage':48s} {'p50':>8s} {'p95':>8s}")
