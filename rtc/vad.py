@@ -146,6 +146,9 @@ class EndpointConfig:
     ptt_quiet_s: float = 0.1  # push-to-talk: silence after speech that makes a release final
     pending_gap_s: float = 0.2  # silence that cancels a not-yet-confirmed onset
     partial_s: float = 0.0  # while speech goes on, its audio so far this often (0: never)
+    # ...for takes up to this long: transcribing a longer one takes long enough that the end of
+    # the turn would too often find the recogniser still busy with it
+    partial_max_s: float = 4.0
     rate: int = PCM_RATE
 
     @property
@@ -348,7 +351,8 @@ class Endpointer:
         """A Partial every ``partial_s`` of a confirmed take, while its speech goes on."""
         every = self._s(self.config.partial_s)
         if (every <= 0 or not self._voiced or take.early_sent or take.speech < every
-                or take.samples - take.partial_at < every):
+                or take.samples - take.partial_at < every
+                or take.samples > self._s(self.config.partial_max_s)):
             return []
         take.partial_at = take.samples
         return [Partial(_to_pcm(take.chunks), take.reason)]

@@ -587,6 +587,9 @@ def test_endpointer_sends_the_words_so_far_while_the_user_speaks():
     ep.talk_start(0.0)
     held = [e for _, e in run(ep, [0.9] * 40) if isinstance(e, Partial)]
     assert len(held) == 2 and held[0].reason == "ptt"
+    # none past partial_max_s (4 s): a longer take would keep the recogniser busy at its end
+    long_take = [e for _, e in run(Endpointer(cfg), [0.9] * 300) if isinstance(e, Partial)]
+    assert len(long_take) == 7 and len(long_take[-1].pcm) // 2 <= 4 * cfg.rate
     # off by default
     assert not [e for _, e in run(Endpointer(EndpointConfig()), [0.9] * 200)
                 if isinstance(e, Partial)]
