@@ -91,7 +91,9 @@ class Asr(Actor):
             self._reject(msg, problem)
             return
         if msg.partial:
-            if not self._busy:  # the latest words are worth it only if they come at once
+            # the latest words are worth it only if they come at once, and never in place of
+            # a job of the session (an utterance that has not reached the worker yet)
+            if not self._busy and not self.jobs.running(msg.session):
                 self.jobs.start(msg.session, msg.turn, self._transcribe_partial(msg))
             return
         self.jobs.start(msg.session, msg.turn, self._transcribe(msg, time.perf_counter()))
