@@ -17,7 +17,7 @@ close as one machine gets to that (it made no measurable difference here: see
 docs/performance.md); the default, 0, lets it compete as an equal.
 
     .venv/bin/python bench/latency.py [--turns 6] [--modes ptt,vad] [--gap 9] [--browser-nice 0]
-                                      [-- SUPERVISOR ARGS]
+                                      [--browser-flag=--FLAG ...] [-- SUPERVISOR ARGS]
 
 Prints p50/p95 per stage and end to end per mode, and the stalls: silences of at least 600 ms
 inside a reply (its voice waiting for the next sentence; Piper's own pauses between sentences
@@ -223,7 +223,8 @@ async def main() -> None:
         if result["errors"]:
             print(f"  errors: {result['errors'][:3]}")
         print()
-    print(json.dumps({"bench": "latency", "browser_nice": args.browser_nice, "modes": summary}))
+    print(json.dumps({"bench": "latency", "browser_nice": args.browser_nice,
+                      "browser_flags": args.browser_flag, "modes": summary}))
 
 
 if __name__ == "__main__":

@@ -206,14 +206,14 @@ setInterval(() => {
   updateSpeakers();
 }, 50);
 
+// ----------------------------------------------------------------------------- display
+
 /** Changes the DOM only when something changed: these run 20-40 times a second, and every
  * write makes the page lay out and paint again, CPU that the user's device (or, in the
  * benchmark, the two cores shared with the models) needs for the call. */
 function setText(el, text) {
   if (el.textContent !== text) el.textContent = text;
 }
-
-// ----------------------------------------------------------------------------- display
 
 function setStatus(state, text) {
   parley.state = state;
