@@ -248,7 +248,7 @@ class TtsActor(Actor):
         spec = BackendSpec(backend=s.tts_backend, voice=s.tts_voice, model=s.tts_model,
                            speed=s.tts_speed, base_url=s.tts_base_url or s.llm_base_url,
                            api_key=s.llm_api_key, timeout=s.llm_timeout,
-                           threads=max(0, s.tts_threads))
+                           threads=max(0, s.tts_threads), chunk_decoder=s.tts_chunk_decoder)
         try:
             self.backend = make_backend(spec)
             await self.backend.prepare()

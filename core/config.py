@@ -153,6 +153,9 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         Option("--tts-base-url", "", "OpenAI-compatible TTS endpoint; empty: --llm-base-url"),
         Option("--tts-threads", 0, "CPU threads of the Piper voice (0: onnxruntime's default)",
                type=int),
+        Option("--tts-chunk-decoder", True,
+               "run a Piper voice's decoder a few frames at a time, so a span's audio starts "
+               "before all of it is computed (same audio; off: whole spans)", type=_bool),
     ),
     "supervisor": (
         Option("--only", "", "comma-separated actors to run here (others run elsewhere)"),

@@ -47,6 +47,7 @@ class BackendSpec:
     api_key: str = field(default="", repr=False)
     timeout: float = 30.0
     threads: int = 0  # CPU threads of a local voice; 0: the runtime's default
+    chunk_decoder: bool = True  # Piper: decode a span's audio a few frames at a time
 
 
 class TtsBackend(abc.ABC):

@@ -1,8 +1,9 @@
 """Local speech with Piper (VITS in ONNX): the default, offline, bundled voice.
 
 Text is synthesised a span at a time (see :func:`engines.tts.normalize.pieces`) in a worker
-thread; each span's PCM (22.05 kHz for the bundled voice) is resampled and encoded to 20 ms Opus
-packets that go to the loop at once, so a long sentence starts playing after its first clause.
+thread, and each span's audio a chunk at a time (:mod:`engines.tts.vits_chunks`: the decoder runs
+on the first ~190 ms before the rest); each chunk's PCM (22.05 kHz for the bundled voice) is
+resampled and encoded to 20 ms Opus packets that go to the loop at once.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import structlog
 
-from engines.tts import normalize
+from engines.tts import normalize, vits_chunks
 from engines.tts.base import BackendSpec, BackendUnavailable, Emit, TtsBackend
 from engines.tts.bridge import Put, run_in_thread
 from engines.tts.opus_encoder import OpusStreamEncoder
@@ -68,6 +70,7 @@ class PiperBackend(TtsBackend):
         self.spec = spec
         self._voice: Any = None
         self._syn_config: Any = None
+        self._chunked: vits_chunks.ChunkedVits | None = None
         self.log = structlog.get_logger()
 
     async def prepare(self) -> None:
@@ -76,6 +79,7 @@ class PiperBackend(TtsBackend):
         loaded = time.perf_counter()
         await asyncio.to_thread(self._warm_up)
         self.log.info("tts_voice_loaded", backend=self.name, voice=self.spec.voice or "bundled",
+                      chunked=self.chunked,
                       load_ms=round((loaded - started) * 1000),
                       warm_ms=round((time.perf_counter() - loaded) * 1000))
 
@@ -88,19 +92,30 @@ class PiperBackend(TtsBackend):
         except ImportError:
             raise BackendUnavailable("piper-tts is not installed: pip install piper-tts") from None
         try:
-            options = onnxruntime.SessionOptions()
-            if self.spec.threads:
-                options.intra_op_num_threads = self.spec.threads
-                options.inter_op_num_threads = 1
-            self._voice = PiperVoice(
-                config=PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8"))),
-                session=onnxruntime.InferenceSession(str(model), sess_options=options,
-                                                     providers=["CPUExecutionProvider"]))
-        except Exception as exc:  # onnxruntime and json raise many unrelated types
+            voice_config = PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
+            graph = vits_chunks.split_voice(model) if self.spec.chunk_decoder else None
+            if graph is not None:
+                self._chunked = vits_chunks.ChunkedVits(graph, self.spec.threads,
+                                                        voice_config.hop_length)
+                # PiperVoice is then only the phonemizer: its session is the front half.
+                session = self._chunked.front_session
+            else:
+                session = onnxruntime.InferenceSession(
+                    str(model), sess_options=vits_chunks.session_options(self.spec.threads),
+                    providers=["CPUExecutionProvider"])
+            self._voice = PiperVoice(config=voice_config, session=session)
+        except Exception as exc:  # onnxruntime, onnx and json raise many unrelated types
             raise BackendUnavailable(f"cannot load Piper voice {model}: {exc}") from None
         speed = self.spec.speed if self.spec.speed > 0 else 1.0
         self._syn_config = SynthesisConfig(
             length_scale=self._voice.config.length_scale / max(0.25, min(speed, 4.0)))
+        if self._chunked is not None:
+            self._chunked.calibrate(self._inputs(self._phoneme_ids(vits_chunks.CALIBRATION_TEXT)))
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the voice's decoder runs chunk by chunk (else each span is decoded whole)."""
+        return self._chunked is not None
 
     @property
     def sample_rate(self) -> int:
@@ -112,15 +127,42 @@ class PiperBackend(TtsBackend):
     async def synthesize(self, text: str, emit: Emit) -> None:
         await run_in_thread(lambda put, stop: self._produce(text, put, stop), emit)
 
+    def _phoneme_ids(self, text: str) -> list[int]:
+        return [i for phonemes in self._voice.phonemize(text)
+                for i in self._voice.phonemes_to_ids(phonemes)]
+
+    def _inputs(self, phoneme_ids: list[int]) -> dict[str, np.ndarray]:
+        """The voice graph's inputs for one sentence, as ``PiperVoice.phoneme_ids_to_audio``."""
+        config, syn = self._voice.config, self._syn_config
+        scales = [config.noise_scale if syn.noise_scale is None else syn.noise_scale,
+                  config.length_scale if syn.length_scale is None else syn.length_scale,
+                  config.noise_w_scale if syn.noise_w_scale is None else syn.noise_w_scale]
+        inputs = {"input": np.array([phoneme_ids], dtype=np.int64),
+                  "input_lengths": np.array([len(phoneme_ids)], dtype=np.int64),
+                  "scales": np.array(scales, dtype=np.float32)}
+        if config.num_speakers > 1:
+            speaker = config.default_speaker_id if syn.speaker_id is None else syn.speaker_id
+            inputs["sid"] = np.array([speaker], dtype=np.int64)
+        return inputs
+
+    def _audio(self, piece: str) -> Iterator[np.ndarray]:
+        """One span's audio, in chunks (a sentence at a time when the voice is used whole)."""
+        if self._chunked is None:
+            for chunk in self._voice.synthesize(piece, syn_config=self._syn_config):
+                yield chunk.audio_float_array
+            return
+        for phonemes in self._voice.phonemize(piece):
+            if phonemes:
+                yield from self._chunked.audio(self._inputs(self._voice.phonemes_to_ids(phonemes)))
+
     def _produce(self, text: str, put: Put, stop: threading.Event) -> None:
         """Blocking: synthesise ``text`` span by span and ``put`` each packet as it is encoded."""
         encoder = OpusStreamEncoder(self.sample_rate)
         first = True
         for piece in normalize.pieces(text):
-            for chunk in self._voice.synthesize(piece, syn_config=self._syn_config):
+            for audio in self._audio(piece):
                 if stop.is_set():
                     return
-                audio = chunk.audio_float_array
                 if first:
                     audio, first = trim_lead(audio, self.sample_rate), False
                 step = self.sample_rate // FEED_PER_S  # packets leave as soon as each is encoded
