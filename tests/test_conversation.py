@@ -121,7 +121,12 @@ async def test_barge_in_stops_the_reply_and_the_new_question_is_answered(tmp_pat
         detected = await page.evaluate(
             f"parley.events.find((e) => e.type === 'interrupt' && e.turn > {story['turn']})"
             ".receivedAt")
+        hushes = await page.evaluate("parley.hushes")
+        muted = await page.evaluate("document.getElementById('remote-audio').muted")
     assert old["interrupted"] and not old["done"]
+    # the page muted the story as the interrupt arrived, and the answer made it audible again
+    assert [h["turn"] for h in hushes if h["turn"] > story["turn"]] == [story["turn"] + 1], hushes
+    assert not muted
     # The story's last sound before the answer: while the user spoke (or between two of its
     # sentences when they began), and nothing was heard after it until the new answer.
     stopped = max(o for o in offsets if o < turn["onset"])
@@ -130,6 +135,8 @@ async def test_barge_in_stops_the_reply_and_the_new_question_is_answered(tmp_pat
     if stopped > spoken["start"]:
         print(f"barge-in: story stopped {stopped - spoken['start']:.0f} ms after the new speech "
               f"began, {stopped - detected:.0f} ms after the page heard of the barge-in")
+        # muted on the spot, not after the audio in flight (the bound: 200 ms)
+        assert stopped - detected < 200, stopped - detected
     else:  # the story was between two sentences when the user began; it never resumed
         print(f"barge-in: the story was silent from {spoken['start'] - stopped:.0f} ms before "
               "the new speech began and never resumed")

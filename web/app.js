@@ -39,7 +39,7 @@ const call = new Call({ url: wsUrl, mode: initialMode, loopbackOnly: params.get(
 const parley = {
   state: "idle", stateText: "", session: null, mode: initialMode, call, meter, conversation,
   turns: conversation.turns, onsets: [], offsets: [], micOnsets: [], micOffsets: [],
-  errors: [], events: [], interrupts: [],
+  errors: [], events: [], interrupts: [], hushes: [], speakingTurn: 0, hushedUntilTurn: 0,
   states: [], sessions: [], remoteLoud: false, assistantState: "",
   mic: { level: 0, firstLoudAt: null, lastLoudAt: null },
   talking: false, sharing: false, local: null,
@@ -121,6 +121,8 @@ call.addEventListener("session", (ev) => {
   conversation.clear();
   parley.talking = false;
   ui.talk.setAttribute("aria-pressed", "false");
+  parley.speakingTurn = 0; // turns count again from 1 in a new session
+  unhush();
 });
 
 call.addEventListener("track", (ev) => {
@@ -154,7 +156,10 @@ call.addEventListener("message", (ev) => {
     case "sentence":
     case "interrupt":
       conversation.apply(msg);
-      if (msg.type === "interrupt") parley.assistantState = "";
+      if (msg.type === "interrupt") {
+        parley.assistantState = "";
+        hush(msg.turn);
+      }
       updateLatency();
       updateSpeakers();
       break;
@@ -164,6 +169,10 @@ call.addEventListener("message", (ev) => {
 });
 
 function onMediaState(msg) {
+  if (msg.state === "assistant_speaking" && Number.isInteger(msg.turn)) {
+    parley.speakingTurn = Math.max(parley.speakingTurn, msg.turn);
+    if (parley.hushedUntilTurn && msg.turn >= parley.hushedUntilTurn) unhush();
+  }
   if (msg.state === "user_speaking") parley.userSpeaking = true;
   if (msg.state === "listening") parley.userSpeaking = false;
   if (msg.state === "assistant_speaking" || msg.state === "assistant_done") {
@@ -173,6 +182,24 @@ function onMediaState(msg) {
 }
 
 // ----------------------------------------------------------------------------- remote audio
+
+/** Barge-in, heard at once: the reply that was playing is muted here, without waiting for the
+ * audio already on its way (up to ~100 ms in the network and the jitter buffer) to play out.
+ * Sound comes back with the first packet of turn `turn` or later, whose "assistant_speaking"
+ * state the server sends as it hands that packet to WebRTC, so ahead of the audio itself. */
+function hush(turn) {
+  if (parley.hushedUntilTurn >= turn) return;
+  parley.hushedUntilTurn = turn;
+  parley.hushes.push({ at: wallNow(), turn });
+  ui.remoteAudio.muted = true;
+  meter.setRemoteMuted(true);
+}
+
+function unhush() {
+  parley.hushedUntilTurn = 0;
+  ui.remoteAudio.muted = false;
+  meter.setRemoteMuted(false);
+}
 
 meter.addEventListener("onset", (ev) => {
   parley.onsets.push({ at: ev.detail.at, peak: ev.detail.peak });
@@ -293,6 +320,7 @@ function talk(pressed) {
   parley.talking = pressed;
   ui.talk.setAttribute("aria-pressed", String(pressed));
   meter.resume();
+  if (pressed) hush(parley.speakingTurn + 1); // a press starts a new turn: the reply stops now
   call.send({ type: "talk", pressed });
   updateSpeakers();
   return true;
@@ -301,7 +329,10 @@ function talk(pressed) {
 function interrupt() {
   meter.resume();
   const at = wallNow();
-  if (call.send({ type: "interrupt" })) parley.interrupts.push({ at });
+  if (call.send({ type: "interrupt" })) {
+    parley.interrupts.push({ at });
+    hush(parley.speakingTurn + 1);
+  }
 }
 
 function setMode(mode) {

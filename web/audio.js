@@ -87,8 +87,18 @@ export class AudioMeter extends EventTarget {
     if (this.remoteSource) this.remoteSource.disconnect();
     if (!this.detector) {
       this.detector = this.#detector("");
+      // The detector hears what the <audio> element lets through: muted with it on a barge-in.
+      this.remoteGain = this.ctx.createGain();
+      this.remoteGain.gain.value = this.remoteMuted ? 0 : 1;
+      this.remoteGain.connect(this.detector);
     }
     this.remoteSource = this.ctx.createMediaStreamSource(stream);
-    this.remoteSource.connect(this.detector);
+    this.remoteSource.connect(this.remoteGain);
+  }
+
+  /** Silence (or restore) the reply for the onset detector, as the <audio> element is. */
+  setRemoteMuted(muted) {
+    this.remoteMuted = muted;
+    if (this.remoteGain) this.remoteGain.gain.setValueAtTime(muted ? 0 : 1, this.ctx.currentTime);
   }
 }
