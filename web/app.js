@@ -13,6 +13,7 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const MODES = ["vad", "ptt"];
 const MIC_LOUD = 0.02; // RMS that counts as the user making sound (meter and indicator)
+const HUSH_MS = 400; // a barge-in mutes the reply at most this long (its audio in flight drains)
 const wallNow = () => performance.timeOrigin + performance.now();
 
 const ui = {
@@ -39,7 +40,7 @@ const call = new Call({ url: wsUrl, mode: initialMode, loopbackOnly: params.get(
 const parley = {
   state: "idle", stateText: "", session: null, mode: initialMode, call, meter, conversation,
   turns: conversation.turns, onsets: [], offsets: [], micOnsets: [], micOffsets: [],
-  errors: [], events: [], interrupts: [], hushes: [], speakingTurn: 0, hushedUntilTurn: 0,
+  errors: [], events: [], interrupts: [], hushes: [], unhushes: [], speakingTurn: 0, hushedUntilTurn: 0,
   states: [], sessions: [], remoteLoud: false, assistantState: "",
   mic: { level: 0, firstLoudAt: null, lastLoudAt: null },
   talking: false, sharing: false, local: null,
@@ -183,19 +184,27 @@ function onMediaState(msg) {
 
 // ----------------------------------------------------------------------------- remote audio
 
+let hushTimer = null;
+
 /** Barge-in, heard at once: the reply that was playing is muted here, without waiting for the
  * audio already on its way (up to ~100 ms in the network and the jitter buffer) to play out.
- * Sound comes back with the first packet of turn `turn` or later, whose "assistant_speaking"
- * state the server sends as it hands that packet to WebRTC, so ahead of the audio itself. */
+ * Sound comes back with turn `turn` (its "assistant_speaking" state, which the server sends as
+ * it hands the first packet to WebRTC, so ahead of the audio), or HUSH_MS after the barge-in,
+ * whichever comes first: by then the old audio has played out, and a late message can never
+ * clip the start of the answer. */
 function hush(turn) {
   if (parley.hushedUntilTurn >= turn) return;
   parley.hushedUntilTurn = turn;
   parley.hushes.push({ at: wallNow(), turn });
   ui.remoteAudio.muted = true;
   meter.setRemoteMuted(true);
+  clearTimeout(hushTimer);
+  hushTimer = setTimeout(unhush, HUSH_MS);
 }
 
 function unhush() {
+  clearTimeout(hushTimer);
+  if (parley.hushedUntilTurn) parley.unhushes.push({ at: wallNow(), turn: parley.hushedUntilTurn });
   parley.hushedUntilTurn = 0;
   ui.remoteAudio.muted = false;
   meter.setRemoteMuted(false);

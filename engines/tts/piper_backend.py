@@ -93,24 +93,37 @@ class PiperBackend(TtsBackend):
             raise BackendUnavailable("piper-tts is not installed: pip install piper-tts") from None
         try:
             voice_config = PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
-            graph = vits_chunks.split_voice(model) if self.spec.chunk_decoder else None
-            if graph is not None:
-                self._chunked = vits_chunks.ChunkedVits(graph, self.spec.threads,
-                                                        voice_config.hop_length)
-                # PiperVoice is then only the phonemizer: its session is the front half.
-                session = self._chunked.front_session
-            else:
-                session = onnxruntime.InferenceSession(
-                    str(model), sess_options=vits_chunks.session_options(self.spec.threads),
-                    providers=["CPUExecutionProvider"])
+            session = onnxruntime.InferenceSession(
+                str(model), sess_options=vits_chunks.session_options(self.spec.threads),
+                providers=["CPUExecutionProvider"])
             self._voice = PiperVoice(config=voice_config, session=session)
-        except Exception as exc:  # onnxruntime, onnx and json raise many unrelated types
+        except Exception as exc:  # onnxruntime and json raise many unrelated types
             raise BackendUnavailable(f"cannot load Piper voice {model}: {exc}") from None
         speed = self.spec.speed if self.spec.speed > 0 else 1.0
         self._syn_config = SynthesisConfig(
             length_scale=self._voice.config.length_scale / max(0.25, min(speed, 4.0)))
-        if self._chunked is not None:
-            self._chunked.calibrate(self._inputs(self._phoneme_ids(vits_chunks.CALIBRATION_TEXT)))
+        if self.spec.chunk_decoder:
+            self._chunked = self._load_chunked(model)
+
+    def _load_chunked(self, model: Path) -> vits_chunks.ChunkedVits | None:
+        """The voice cut at its decoder, or None (then spans are decoded whole, as Piper does)."""
+        try:
+            graph = vits_chunks.split_voice(model)
+            if graph is None:
+                self.log.info("tts_decoder_whole", reason="not a Piper VITS graph, or no onnx")
+                return None
+            chunked = vits_chunks.ChunkedVits(graph, self.spec.threads,
+                                              self._voice.config.hop_length)
+            chunked.calibrate(self._inputs(self._phoneme_ids(vits_chunks.CALIBRATION_TEXT)))
+        except Exception as exc:  # onnx and onnxruntime raise many unrelated types
+            self.log.warning("tts_decoder_whole", reason=repr(exc))
+            return None
+        if not chunked.context:
+            self.log.warning("tts_decoder_whole", reason="no decoder context reproduces the voice")
+            return None
+        # The whole graph is not needed any more: PiperVoice phonemizes, the halves speak.
+        self._voice.session = chunked.front_session
+        return chunked
 
     @property
     def chunked(self) -> bool:

@@ -106,7 +106,7 @@ class ChunkedVits:
             graph.decoder, sess_options=session_options(threads), providers=providers)
         self._latent = graph.latent
         self._hop = hop
-        self.context = 0  # set by calibrate(); 0: decode each span whole
+        self.context = 0  # set by calibrate(); 0: no context reproduces the whole decode
         self.gain = 1.0
 
     def latent(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
