@@ -114,7 +114,8 @@ class PiperBackend(TtsBackend):
                 return None
             chunked = vits_chunks.ChunkedVits(graph, self.spec.threads,
                                               self._voice.config.hop_length)
-            chunked.calibrate(self._inputs(self._phoneme_ids(vits_chunks.CALIBRATION_TEXT)))
+            chunked.calibrate(self._inputs(self._phoneme_ids(vits_chunks.CALIBRATION_TEXT),
+                                           noise=False))
         except Exception as exc:  # onnx and onnxruntime raise many unrelated types
             self.log.warning("tts_decoder_whole", reason=repr(exc))
             return None
@@ -144,12 +145,15 @@ class PiperBackend(TtsBackend):
         return [i for phonemes in self._voice.phonemize(text)
                 for i in self._voice.phonemes_to_ids(phonemes)]
 
-    def _inputs(self, phoneme_ids: list[int]) -> dict[str, np.ndarray]:
-        """The voice graph's inputs for one sentence, as ``PiperVoice.phoneme_ids_to_audio``."""
+    def _inputs(self, phoneme_ids: list[int], noise: bool = True) -> dict[str, np.ndarray]:
+        """The voice graph's inputs for one sentence, as ``PiperVoice.phoneme_ids_to_audio``
+        (``noise=False``: no sampling noise, the same audio every time)."""
         config, syn = self._voice.config, self._syn_config
         scales = [config.noise_scale if syn.noise_scale is None else syn.noise_scale,
                   config.length_scale if syn.length_scale is None else syn.length_scale,
                   config.noise_w_scale if syn.noise_w_scale is None else syn.noise_w_scale]
+        if not noise:
+            scales[0] = scales[2] = 0.0
         inputs = {"input": np.array([phoneme_ids], dtype=np.int64),
                   "input_lengths": np.array([len(phoneme_ids)], dtype=np.int64),
                   "scales": np.array(scales, dtype=np.float32)}
