@@ -3,7 +3,7 @@
 Runs the backend the actor uses (normalise, synthesise span by span, resample, encode to 20 ms
 Opus) on a short and a long sentence, a few times each, after the same warm-up as the actor.
 
-    .venv/bin/python bench/tts.py [--repeats 5]
+    .venv/bin/python bench/tts.py [--repeats 5] [--threads N] [--whole]
 
 Prints a table, then one JSON object as the last line.
 """
@@ -54,9 +54,14 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--voice", default="", help="Piper .onnx voice; empty: the bundled one")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="onnxruntime threads (0: its default, one per core)")
+    parser.add_argument("--whole", action="store_true",
+                        help="decode each span whole (as --tts-chunk-decoder 0)")
     args = parser.parse_args()
 
-    backend = make_backend(BackendSpec(backend="piper", voice=args.voice))
+    backend = make_backend(BackendSpec(backend="piper", voice=args.voice, threads=args.threads,
+                                       chunk_decoder=not args.whole))
     started = time.perf_counter()
     await backend.prepare()
     prepare_ms = (time.perf_counter() - started) * 1000
@@ -72,7 +77,7 @@ async def main() -> None:
               f"{median['total_ms']:>9.0f} {median['rtf']:>6.3f}")
     await backend.aclose()
     print(json.dumps({
-        "backend": "piper",
+        "backend": "piper", "threads": args.threads, "chunked": not args.whole,
         "repeats": args.repeats,
         "prepare_ms": round(prepare_ms),
         **{f"{name}_first_packet_ms": round(r["first_ms"], 1) for name, r in results.items()},
