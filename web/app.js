@@ -40,7 +40,8 @@ const call = new Call({ url: wsUrl, mode: initialMode, loopbackOnly: params.get(
 const parley = {
   state: "idle", stateText: "", session: null, mode: initialMode, call, meter, conversation,
   turns: conversation.turns, onsets: [], offsets: [], micOnsets: [], micOffsets: [],
-  errors: [], events: [], interrupts: [], hushes: [], unhushes: [], speakingTurn: 0, hushedUntilTurn: 0,
+  errors: [], events: [], interrupts: [], hushes: [], unhushes: [],
+  speakingTurn: 0, hushedUntilTurn: 0, // the newest turn heard; the turn a barge-in mute awaits
   states: [], sessions: [], remoteLoud: false, assistantState: "",
   mic: { level: 0, firstLoudAt: null, lastLoudAt: null },
   talking: false, sharing: false, local: null,

@@ -12,6 +12,8 @@ export class AudioMeter extends EventTarget {
     this.micAnalyser = null;
     this.micSource = null;
     this.remoteSource = null;
+    this.remoteGain = null; // between the remote stream and its detector: muted on a barge-in
+    this.remoteMuted = false;
     this.detector = null;
     this.offsetMs = Infinity; // page wall-clock ms minus context ms (smallest seen)
     this.buffer = null;
@@ -87,7 +89,7 @@ export class AudioMeter extends EventTarget {
     if (this.remoteSource) this.remoteSource.disconnect();
     if (!this.detector) {
       this.detector = this.#detector("");
-      // The detector hears what the <audio> element lets through: muted with it on a barge-in.
+      // The detector hears what the <audio> element lets through.
       this.remoteGain = this.ctx.createGain();
       this.remoteGain.gain.value = this.remoteMuted ? 0 : 1;
       this.remoteGain.connect(this.detector);
