@@ -176,8 +176,11 @@ async def test_hands_free_call_utterance_frame_reply_and_interrupt(stack: Stack,
                                    "&& t.stages.first_sent !== undefined)", 5, what="turn shown")
         assert turn["user"] == QUESTION and turn["assistant"].strip() == REPLY
         assert 0 < turn["stages"]["first_token"] < turn["stages"]["first_sent"] < turn["v2v"]
-        shown = await page.evaluate(f"document.querySelector('[data-turn=\"{utt.turn}\"]')"
-                                    ".innerText")
+        # painted with the next animation frame: wait for the figures to show
+        shown = await page.wait_for(
+            f"(() => {{ const el = document.querySelector('[data-turn=\"{utt.turn}\"]');"
+            " return el && el.innerText.includes(' ms') ? el.innerText : null; })()",
+            5, what="turn painted")
         assert QUESTION in shown and "jumps over the lazy dog" in shown and " ms" in shown
         await asyncio.sleep(reply_s + 1.0)
         publish_reply(stack.bus, session, utt.turn, reply)

@@ -7,7 +7,7 @@
 
 import { AudioMeter } from "./audio.js";
 import { Call } from "./call.js";
-import { Conversation } from "./conversation.js";
+import { Conversation, setText } from "./conversation.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -34,6 +34,7 @@ const wsUrl = `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.ho
 
 const meter = new AudioMeter();
 const conversation = new Conversation($("turns"), $("empty"));
+conversation.onPaint = () => updateLatency(); // the latency card follows the conversation's paints
 const call = new Call({ url: wsUrl, mode: initialMode, loopbackOnly: params.get("loopback") === "1" });
 
 // Everything a test or benchmark reads. Times are page wall-clock milliseconds.
@@ -162,7 +163,6 @@ call.addEventListener("message", (ev) => {
         parley.assistantState = "";
         hush(msg.turn);
       }
-      updateLatency();
       updateSpeakers();
       break;
     default:
@@ -215,7 +215,6 @@ meter.addEventListener("onset", (ev) => {
   parley.onsets.push({ at: ev.detail.at, peak: ev.detail.peak });
   conversation.clockOffsetMs = call.clockOffsetMs;
   conversation.heard(ev.detail.at);
-  updateLatency();
 });
 meter.addEventListener("offset", (ev) => parley.offsets.push({ at: ev.detail.at }));
 meter.addEventListener("mic-onset", (ev) => parley.micOnsets.push({ at: ev.detail.at }));
@@ -244,13 +243,6 @@ setInterval(() => {
 }, 50);
 
 // ----------------------------------------------------------------------------- display
-
-/** Changes the DOM only when something changed: these run 20-40 times a second, and every
- * write makes the page lay out and paint again, CPU that the user's device (or, in the
- * benchmark, the two cores shared with the models) needs for the call. */
-function setText(el, text) {
-  if (el.textContent !== text) el.textContent = text;
-}
 
 function setStatus(state, text) {
   parley.state = state;
@@ -283,9 +275,9 @@ function updateLatency() {
   const sorted = [...figures].sort((a, b) => a - b);
   const median = sorted[Math.floor(sorted.length / 2)];
   ui.latency.hidden = false;
-  ui.latency.querySelector(".last").textContent = `${Math.round(figures.at(-1))} ms`;
-  ui.latency.querySelector(".median").textContent =
-    figures.length > 1 ? `median ${Math.round(median)} ms over ${figures.length}` : "voice to voice";
+  setText(ui.latency.querySelector(".last"), `${Math.round(figures.at(-1))} ms`);
+  setText(ui.latency.querySelector(".median"),
+    figures.length > 1 ? `median ${Math.round(median)} ms over ${figures.length}` : "voice to voice");
 }
 
 /** The latest timed turn's stages as bars on one time axis (speech end at 0). */
@@ -294,6 +286,10 @@ function renderWaterfall() {
   const t = turns.at(-1);
   if (!t) return;
   const rows = conversation.waterfall(t);
+  const key = `${t.turn}:${rows.map((r) => `${r.stage}=${Math.round(r.ms)}`).join()}`;
+  const card = $("waterfall-card");
+  if (card.dataset.key === key) return; // painted already
+  card.dataset.key = key;
   const span = Math.max(...rows.map((r) => r.ms), 1);
   let previous = 0;
   const items = rows.map(({ stage, label, ms }) => {
@@ -311,7 +307,7 @@ function renderWaterfall() {
     return li;
   });
   $("waterfall").replaceChildren(...items);
-  $("waterfall-card").hidden = false;
+  card.hidden = false;
 }
 
 let toastTimer = null;

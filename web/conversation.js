@@ -3,6 +3,10 @@
 // Stage times arrive as metrics in the server's wall clock; `clockOffsetMs` (server minus page)
 // converts them. Voice-to-voice is the first audible reply sample heard on this page minus the
 // end of the user's speech.
+//
+// Events only change the entries; the page is painted at most once per animation frame, however
+// many tokens and metrics arrive in it (a reply streams ~50 events a second, and each paint lays
+// out the conversation again: on a small machine the browser's work competes with the models').
 
 export const STAGES = [
   ["transcript", "words"],
@@ -12,6 +16,13 @@ export const STAGES = [
   ["first_sent", "sent"],
 ];
 
+/** Changes the DOM only when the text changed: the page's indicators update 20-40 times a
+ * second, and every write makes the page lay out and paint again, CPU that the user's device
+ * (or, in the benchmark, the two cores shared with the models) needs for the call. */
+export function setText(el, text) {
+  if (el.textContent !== text) el.textContent = text;
+}
+
 export class Conversation {
   constructor(listEl, emptyEl) {
     this.listEl = listEl;
@@ -19,6 +30,9 @@ export class Conversation {
     this.turns = new Map(); // turn number -> entry
     this.latest = 0;
     this.clockOffsetMs = 0;
+    this.dirty = new Set(); // entries changed since the last paint
+    this.frame = 0; // the requested animation frame, 0 when none
+    this.onPaint = null; // called after each paint (the page's latency card)
   }
 
   entry(turn) {
@@ -122,10 +136,29 @@ export class Conversation {
     const old = this.turns.get(turn);
     if (!old) return;
     old.el?.remove();
+    this.dirty.delete(old);
     this.turns.delete(turn);
   }
 
+  /** Paint ``t`` with the next animation frame. */
   render(t) {
+    this.dirty.add(t);
+    if (!this.frame) this.frame = requestAnimationFrame(() => this.paint());
+  }
+
+  /** Paint every changed entry now; the log keeps to its end if it was there. */
+  paint() {
+    if (this.frame) cancelAnimationFrame(this.frame);
+    this.frame = 0;
+    const log = this.listEl.parentElement;
+    const atEnd = log.scrollHeight - log.scrollTop - log.clientHeight < 160;
+    for (const t of this.dirty) this.#paintEntry(t);
+    this.dirty.clear();
+    if (atEnd) log.scrollTop = log.scrollHeight;
+    this.onPaint?.();
+  }
+
+  #paintEntry(t) {
     const waiting = t.speechEnd !== null && !t.noSpeech && !t.user;
     const visible = t.user || t.assistant || waiting;
     if (!visible) {
@@ -136,21 +169,24 @@ export class Conversation {
     t.el.hidden = false;
     const [user, reply, timing] = [".user .text", ".assistant .text", ".timing"]
       .map((sel) => t.el.querySelector(sel));
-    user.textContent = t.user || (waiting ? "…" : "");
+    setText(user, t.user || (waiting ? "…" : ""));
     user.parentElement.hidden = !t.user && !waiting;
     user.parentElement.classList.toggle("pending", !t.user);
     user.parentElement.classList.toggle("live", Boolean(t.user && t.userPartial));
-    reply.textContent = t.assistant;
+    setText(reply, t.assistant);
     const bubble = reply.parentElement;
     bubble.hidden = !t.assistant;
     bubble.setAttribute("aria-busy", String(!t.done && !t.interrupted));
     bubble.classList.toggle("interrupted", t.interrupted);
     bubble.classList.toggle("streaming", !t.done && !t.interrupted);
-    timing.replaceChildren(...this.#timing(t));
-    timing.hidden = timing.childElementCount === 0;
+    const parts = this.#timing(t);
+    const key = parts.map((p) => p.textContent).join("|");
+    if (timing.dataset.key !== key) { // rebuilt only when a figure changed
+      timing.dataset.key = key;
+      timing.replaceChildren(...parts);
+    }
+    timing.hidden = parts.length === 0;
     this.emptyEl.hidden = true;
-    const log = this.listEl.parentElement;
-    if (log.scrollHeight - log.scrollTop - log.clientHeight < 160) log.scrollTop = log.scrollHeight;
   }
 
   #create(t) {
@@ -186,6 +222,7 @@ export class Conversation {
   }
 
   clear() {
+    this.dirty.clear();
     this.turns.clear();
     this.latest = 0;
     this.listEl.replaceChildren();
