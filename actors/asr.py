@@ -3,13 +3,14 @@
 The model loads once before the actor reports ready and is warmed up by one dummy inference.
 Recognition runs in one worker thread, one utterance at a time: a second model call at once
 would only split the same cores. A session's new turn or an interrupt cancels the session's
-job; an utterance still waiting for the thread is then never decoded, and the result of one
-already decoding (a CTranslate2 call cannot be stopped) is discarded.
+job; an utterance still waiting for the thread is then never decoded, and one already being
+recognised stops at its next stage (VAD, Whisper's encoder, its decoder: a CTranslate2 call
+cannot be stopped midway), its result discarded.
 
 A *partial* utterance (the audio so far of a turn still being spoken) is transcribed only when
 the thread is free, and its words go out as a partial transcript: a live caption, and the LLM's
-cue to compute them before the turn ends. It never waits, so it never delays a turn's end: the
-turn's real utterance cancels it like any newer job.
+cue to compute them before the turn ends. It never waits, and the turn's real utterance cancels
+it like any newer job: the end of a turn waits at most for the stage the partial is in.
 
 Several ASR processes, here or on other hosts, share sessions through the runtime's membership
 (see ``bus/membership.py``): each session is transcribed by exactly one of them.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -98,10 +100,23 @@ class Asr(Actor):
             return
         self.jobs.start(msg.session, msg.turn, self._transcribe(msg, time.perf_counter()))
 
+    async def _recognise(self, msg: Utterance) -> Recognition:
+        """``msg`` through the recogniser in the worker thread. When the job is cancelled (the
+        turn's utterance replaces a partial one, or an interrupt), the thread is told to stop at
+        its next stage, so that the utterance queued behind it waits one stage, not a decode."""
+        stop = threading.Event()
+        try:
+            return await self._in_worker(self.recognizer.recognise, msg.pcm, msg.sample_rate,
+                                         stop.is_set)
+        except asyncio.CancelledError:
+            stop.set()
+            self.log.debug("asr_cancelled", session=msg.session, turn=msg.turn,
+                           partial=msg.partial)
+            raise
+
     async def _transcribe_partial(self, msg: Utterance) -> None:
         started = time.perf_counter()
-        result: Recognition = await self._in_worker(self.recognizer.recognise, msg.pcm,
-                                                    msg.sample_rate)
+        result = await self._recognise(msg)
         words = result.text.rstrip(".?!…")  # cut mid-sentence: Whisper's full stop is not one
         if self.turns.current(msg.session) != msg.turn or not words:
             return
@@ -115,8 +130,7 @@ class Asr(Actor):
     async def _transcribe(self, msg: Utterance, received: float) -> None:
         self._waiting += 1
         try:
-            result: Recognition = await self._in_worker(self.recognizer.recognise, msg.pcm,
-                                                        msg.sample_rate)
+            result = await self._recognise(msg)
         finally:
             self._waiting -= 1
         if self.turns.current(msg.session) != msg.turn:

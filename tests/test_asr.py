@@ -243,6 +243,27 @@ def test_bundled_base_is_joined_once_and_transcribes(tmp_path):
     assert joined.stat().st_mtime_ns == made
 
 
+def test_a_cancelled_recognition_stops_between_its_stages():
+    """Asked before Whisper, before its encoder and before its decoder: a partial utterance
+    that a turn's end replaces gives the thread back without decoding."""
+    recognizer = Recognizer(load_engine(EngineSpec(model="tiny.en", device="cpu")))
+    pcm = say("What is two plus two?").astype("<i2").tobytes()
+    for stop_at in (1, 2, 3):  # before Whisper, before the encoder, after it
+        asked = []
+
+        def cancelled(stop_at: int = stop_at, asked: list = asked) -> bool:
+            asked.append(True)
+            return len(asked) >= stop_at
+
+        result = recognizer.recognise(pcm, cancelled=cancelled)
+        assert result.reason == "cancelled" and result.text == "", (stop_at, result)
+        assert len(asked) == stop_at and result.speech_s > 0.5
+    asked.clear()
+    result = recognizer.recognise(pcm, cancelled=lambda: bool(asked.append(True)))
+    assert {"what", "two", "plus"} <= normalise(result.text), result
+    assert len(asked) == 3  # every stage asked, none stopped
+
+
 def tiny_random_whisper(folder: Path) -> Path:
     """A 2-layer Whisper with random weights in Hugging Face format (no hub model is reachable).
 

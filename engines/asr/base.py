@@ -7,6 +7,7 @@ so every backend is judged by the same rules.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,6 +18,17 @@ SAMPLE_RATE = 16_000  # what every backend is fed
 
 class ModelUnavailable(RuntimeError):
     """The chosen model cannot be found or loaded; the message says what to install or set."""
+
+
+class Cancelled(Exception):
+    """Recognition stopped between two of its stages: nobody waits for its words any more."""
+
+
+Cancel = Callable[[], bool]  # asked between stages: True stops the recognition (Cancelled)
+
+
+def never() -> bool:
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +67,9 @@ class AsrEngine(Protocol):
     name: str  # backend:model, for logs and the benchmark
     device: str  # the device actually used
 
-    def transcribe(self, audio: np.ndarray) -> AsrResult:
-        """Recognise mono float32 ``audio`` at :data:`SAMPLE_RATE`."""
+    def transcribe(self, audio: np.ndarray, cancelled: Cancel = never) -> AsrResult:
+        """Recognise mono float32 ``audio`` at :data:`SAMPLE_RATE`; raises :class:`Cancelled`
+        when ``cancelled()`` turns true between two stages (the encoder and the decoder)."""
         ...
 
 

@@ -27,9 +27,12 @@ from engines.asr.base import (
     SAMPLE_RATE,
     AsrResult,
     AsrSegment,
+    Cancel,
+    Cancelled,
     EngineSpec,
     ModelUnavailable,
     max_new_tokens,
+    never,
 )
 
 WINDOW_S = 30.0  # Whisper's full input window
@@ -88,10 +91,12 @@ class FasterWhisperEngine:
             structlog.get_logger().warning("asr_english_only_model", model=spec.model,
                                            language=self._language)
 
-    def transcribe(self, audio: np.ndarray) -> AsrResult:
+    def transcribe(self, audio: np.ndarray, cancelled: Cancel = never) -> AsrResult:
         audio_s = len(audio) / SAMPLE_RATE
         if audio_s + PAD_S < WINDOW_S and (self._language or not self.multilingual):
-            return self._transcribe_short(audio)
+            return self._transcribe_short(audio, cancelled)
+        if cancelled():
+            raise Cancelled
         segments, info = self._model.transcribe(
             audio,
             language=self._language if self.multilingual else "en",
@@ -108,7 +113,7 @@ class FasterWhisperEngine:
                for s in segments]  # a lazy generator: decoding happens here
         return AsrResult(segments=out, language=info.language or "")
 
-    def _transcribe_short(self, audio: np.ndarray) -> AsrResult:
+    def _transcribe_short(self, audio: np.ndarray, cancelled: Cancel = never) -> AsrResult:
         """One greedy decode over a window just longer than ``audio`` (see the module doc).
 
         Decoding keeps Whisper's timestamp tokens: in a window with room to spare Whisper tends
@@ -126,8 +131,12 @@ class FasterWhisperEngine:
         padded[: len(audio)] = audio
         features = model.feature_extractor(padded)
         features = np.ascontiguousarray(features[:, : int(window_s * FRAMES_PER_S)])
+        if cancelled():
+            raise Cancelled
         encoded = model.model.encode(
             ctranslate2.StorageView.from_array(features[np.newaxis].astype(np.float32)))
+        if cancelled():  # the decoder, most of the time, is spared
+            raise Cancelled
         language = (self._language if self.multilingual else None) or "en"
         tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual,
                               task="transcribe", language=language)

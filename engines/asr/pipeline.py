@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engines.asr import guard
-from engines.asr.base import SAMPLE_RATE, AsrEngine
+from engines.asr.base import SAMPLE_RATE, AsrEngine, Cancel, Cancelled, never
 
 MIN_RATE = 8_000  # telephone audio; anything lower carries no intelligible speech
 MAX_RATE = 192_000
@@ -60,7 +60,10 @@ class Recognizer:
         self.engine = engine
         self.min_speech_s = min_speech_s
 
-    def recognise(self, pcm: bytes, rate: int = SAMPLE_RATE) -> Recognition:
+    def recognise(self, pcm: bytes, rate: int = SAMPLE_RATE,
+                  cancelled: Cancel = never) -> Recognition:
+        """The words of ``pcm``; ``cancelled()`` is asked between the stages (VAD, Whisper's
+        encoder, its decoder): when true, the rest is skipped and the reason is ``cancelled``."""
         audio = to_float(pcm, rate)
         audio_s = audio.size / SAMPLE_RATE
         started = time.perf_counter()
@@ -72,7 +75,13 @@ class Recognizer:
         if speech.seconds < self.min_speech_s:
             return Recognition("", "", audio_s, speech.seconds, reason="too_short", vad_ms=vad_ms)
         started = time.perf_counter()
-        result = self.engine.transcribe(audio[speech.start:speech.end])
+        try:
+            if cancelled():
+                raise Cancelled
+            result = self.engine.transcribe(audio[speech.start:speech.end], cancelled)
+        except Cancelled:
+            return Recognition("", "", audio_s, speech.seconds, reason="cancelled", vad_ms=vad_ms,
+                               asr_ms=(time.perf_counter() - started) * 1000)
         asr_ms = (time.perf_counter() - started) * 1000
         text, reason = guard.accept(result.segments)
         return Recognition(text, result.language, audio_s, speech.seconds, reason=reason,

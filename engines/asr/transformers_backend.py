@@ -18,9 +18,12 @@ from engines.asr.base import (
     SAMPLE_RATE,
     AsrResult,
     AsrSegment,
+    Cancel,
+    Cancelled,
     EngineSpec,
     ModelUnavailable,
     max_new_tokens,
+    never,
 )
 from engines.asr.guard import LOGPROB_FLOOR, NO_SPEECH_PROB
 
@@ -80,18 +83,24 @@ class TransformersEngine:
                 kwargs["language"] = self._language
         return kwargs
 
-    def transcribe(self, audio: np.ndarray) -> AsrResult:
+    def transcribe(self, audio: np.ndarray, cancelled: Cancel = never) -> AsrResult:
         with self._torch.inference_mode():
             if audio.size / SAMPLE_RATE > WINDOW_S:
+                if cancelled():
+                    raise Cancelled
                 return self._long_form(audio)
-            return self._short_form(audio)
+            return self._short_form(audio, cancelled)
 
-    def _short_form(self, audio: np.ndarray) -> AsrResult:
+    def _short_form(self, audio: np.ndarray, cancelled: Cancel = never) -> AsrResult:
         torch = self._torch
         features = self._processor.feature_extractor(
             audio, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
         features = features.to(self.device, self._dtype)
+        if cancelled():
+            raise Cancelled
         encoded = self._model.get_encoder()(features)
+        if cancelled():
+            raise Cancelled
         start = torch.tensor([[self._start_token]], device=self.device)
         first = self._model(encoder_outputs=encoded, decoder_input_ids=start).logits[0, -1]
         no_speech = float(first.float().softmax(-1)[self._no_speech_token])
