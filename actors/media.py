@@ -215,7 +215,7 @@ class MediaActor(Actor):
                 if not any(t.kind == "audio" for t in pc.getTransceivers()):
                     raise ValueError("it has no audio")
                 if not shorten_audio_jitter(pc):
-                    log.warning("audio_jitter_default", note="aiortc changed; +60 ms per turn")
+                    log.warning("audio_jitter_default", note="aiortc changed; +80 ms per turn")
                 pc.addTrack(call.track)
                 await pc.setLocalDescription(await pc.createAnswer())
             except Exception as exc:  # aiortc's SDP parser raises assorted types

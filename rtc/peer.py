@@ -9,7 +9,7 @@ Three aiortc/aioice defaults get in the way and are handled here, in one place:
   ``aioice.ice.get_host_addresses`` *in this process* to put 127.0.0.1 first.
 * aiortc's inbound audio jitter buffer hands a packet on only once four newer ones have arrived:
   80 ms added to every turn's end before the VAD can hear it. :func:`shorten_audio_jitter`
-  gives each audio receiver one that waits for a single newer packet (20 ms).
+  gives each audio receiver one that hands each packet on as it arrives (``rtc/jitter.py``).
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from collections.abc import Callable
 
 import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
-from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtcicetransport import parse_stun_turn_uri
 
+from rtc.jitter import AudioJitterBuffer
+
 LOOPBACK = "127.0.0.1"
-AUDIO_JITTER_CAPACITY = 16  # packets, as aiortc's own
-AUDIO_JITTER_PREFETCH = 1  # newer packets that must have arrived before one is decoded
 _RECEIVER_JITTER = "_RTCRtpReceiver__jitter_buffer"  # aiortc's private attribute
 
 
@@ -119,12 +118,11 @@ def create_peer(ice_servers: list[RTCIceServer],
 
 def shorten_audio_jitter(pc: RTCPeerConnection) -> bool:
     """Give the audio receivers of ``pc`` (after ``setRemoteDescription``) a jitter buffer that
-    decodes a packet as soon as the next one is in; False if this aiortc has no such buffer to
-    replace (the call then works with aiortc's default, 60 ms later)."""
+    decodes each packet as it arrives; False if this aiortc has no such buffer to replace (the
+    call then works with aiortc's default, 80 ms later)."""
     receivers = [t.receiver for t in pc.getTransceivers() if t.kind == "audio"]
     if not all(hasattr(r, _RECEIVER_JITTER) for r in receivers):
         return False
     for receiver in receivers:
-        setattr(receiver, _RECEIVER_JITTER,
-                JitterBuffer(capacity=AUDIO_JITTER_CAPACITY, prefetch=AUDIO_JITTER_PREFETCH))
+        setattr(receiver, _RECEIVER_JITTER, AudioJitterBuffer())
     return True

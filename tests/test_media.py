@@ -26,6 +26,7 @@ from aiortc import (
     RTCSessionDescription,
     VideoStreamTrack,
 )
+from aiortc.rtp import RtpPacket
 from PIL import Image
 
 from bus.client import BusClient, Endpoints
@@ -42,9 +43,9 @@ from bus.schema import (
     OpusPacket,
     Utterance,
 )
+from rtc.jitter import AudioJitterBuffer
 from rtc.outbound import OPUS_SILENCE, OpusTrack, Release
 from rtc.peer import (
-    AUDIO_JITTER_PREFETCH,
     create_peer,
     keep_loopback_candidates,
     parse_ice_servers,
@@ -436,7 +437,7 @@ def test_offer_keeps_only_loopback_candidates_when_it_has_some():
     assert keep_loopback_candidates(remote_only) == remote_only
 
 
-async def test_inbound_audio_waits_for_one_newer_packet_not_four():
+async def test_inbound_audio_is_decoded_on_arrival_not_four_packets_later():
     browser, server = create_peer([]), create_peer([])
     try:
         browser.addTransceiver("audio", direction="sendonly")
@@ -444,11 +445,29 @@ async def test_inbound_audio_waits_for_one_newer_packet_not_four():
         await server.setRemoteDescription(browser.localDescription)
         (receiver,) = [t.receiver for t in server.getTransceivers() if t.kind == "audio"]
         assert shorten_audio_jitter(server)  # fails loudly if aiortc renames its buffer
-        buffer = receiver._RTCRtpReceiver__jitter_buffer
-        assert buffer._prefetch == AUDIO_JITTER_PREFETCH == 1
+        assert isinstance(receiver._RTCRtpReceiver__jitter_buffer, AudioJitterBuffer)
     finally:
         await browser.close()
         await server.close()
+
+
+def test_audio_jitter_buffer_hands_each_packet_on_in_order_and_drops_late_ones():
+    buffer = AudioJitterBuffer()
+
+    def add(seq: int) -> bytes | None:
+        packet = RtpPacket(payload_type=111, sequence_number=seq, timestamp=seq * 960,
+                           payload=seq.to_bytes(2, "big"))
+        _, frame = buffer.add(packet)
+        if frame is not None:
+            assert frame.timestamp == seq * 960
+        return None if frame is None else frame.data
+
+    handed = [add(seq) for seq in (65533, 65534, 65535, 0, 1)]  # across the wrap
+    assert handed == [s.to_bytes(2, "big") for s in (65533, 65534, 65535, 0, 1)]
+    assert add(1) is None and add(65535) is None  # a duplicate, a reordered one: too late
+    assert add(4) == (4).to_bytes(2, "big")  # a gap (2 and 3 lost): on at once, no waiting
+    assert add(3) is None and buffer.late == 3
+    assert add(5) == (5).to_bytes(2, "big")
 
 
 async def test_outbound_track_flushes_drops_stale_turns_and_never_bursts():
