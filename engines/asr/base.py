@@ -31,6 +31,12 @@ def never() -> bool:
     return False
 
 
+def stop_if(cancelled: Cancel) -> None:
+    """Between two stages of a recognition: raise :class:`Cancelled` when asked to stop."""
+    if cancelled():
+        raise Cancelled
+
+
 @dataclass(frozen=True, slots=True)
 class EngineSpec:
     """Which model to load and how (from the ``asr`` config group)."""

@@ -28,11 +28,11 @@ from engines.asr.base import (
     AsrResult,
     AsrSegment,
     Cancel,
-    Cancelled,
     EngineSpec,
     ModelUnavailable,
     max_new_tokens,
     never,
+    stop_if,
 )
 
 WINDOW_S = 30.0  # Whisper's full input window
@@ -95,8 +95,7 @@ class FasterWhisperEngine:
         audio_s = len(audio) / SAMPLE_RATE
         if audio_s + PAD_S < WINDOW_S and (self._language or not self.multilingual):
             return self._transcribe_short(audio, cancelled)
-        if cancelled():
-            raise Cancelled
+        stop_if(cancelled)
         segments, info = self._model.transcribe(
             audio,
             language=self._language if self.multilingual else "en",
@@ -131,12 +130,10 @@ class FasterWhisperEngine:
         padded[: len(audio)] = audio
         features = model.feature_extractor(padded)
         features = np.ascontiguousarray(features[:, : int(window_s * FRAMES_PER_S)])
-        if cancelled():
-            raise Cancelled
+        stop_if(cancelled)
         encoded = model.model.encode(
             ctranslate2.StorageView.from_array(features[np.newaxis].astype(np.float32)))
-        if cancelled():  # the decoder, most of the time, is spared
-            raise Cancelled
+        stop_if(cancelled)  # the decoder, most of the time, is spared
         language = (self._language if self.multilingual else None) or "en"
         tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual,
                               task="transcribe", language=language)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engines.asr import guard
-from engines.asr.base import SAMPLE_RATE, AsrEngine, Cancel, Cancelled, never
+from engines.asr.base import SAMPLE_RATE, AsrEngine, Cancel, Cancelled, never, stop_if
 
 MIN_RATE = 8_000  # telephone audio; anything lower carries no intelligible speech
 MAX_RATE = 192_000
@@ -76,8 +76,7 @@ class Recognizer:
             return Recognition("", "", audio_s, speech.seconds, reason="too_short", vad_ms=vad_ms)
         started = time.perf_counter()
         try:
-            if cancelled():
-                raise Cancelled
+            stop_if(cancelled)
             result = self.engine.transcribe(audio[speech.start:speech.end], cancelled)
         except Cancelled:
             return Recognition("", "", audio_s, speech.seconds, reason="cancelled", vad_ms=vad_ms,

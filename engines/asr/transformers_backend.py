@@ -19,11 +19,11 @@ from engines.asr.base import (
     AsrResult,
     AsrSegment,
     Cancel,
-    Cancelled,
     EngineSpec,
     ModelUnavailable,
     max_new_tokens,
     never,
+    stop_if,
 )
 from engines.asr.guard import LOGPROB_FLOOR, NO_SPEECH_PROB
 
@@ -86,8 +86,7 @@ class TransformersEngine:
     def transcribe(self, audio: np.ndarray, cancelled: Cancel = never) -> AsrResult:
         with self._torch.inference_mode():
             if audio.size / SAMPLE_RATE > WINDOW_S:
-                if cancelled():
-                    raise Cancelled
+                stop_if(cancelled)
                 return self._long_form(audio)
             return self._short_form(audio, cancelled)
 
@@ -96,11 +95,9 @@ class TransformersEngine:
         features = self._processor.feature_extractor(
             audio, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
         features = features.to(self.device, self._dtype)
-        if cancelled():
-            raise Cancelled
+        stop_if(cancelled)
         encoded = self._model.get_encoder()(features)
-        if cancelled():
-            raise Cancelled
+        stop_if(cancelled)
         start = torch.tensor([[self._start_token]], device=self.device)
         first = self._model(encoder_outputs=encoded, decoder_input_ids=start).logits[0, -1]
         no_speech = float(first.float().softmax(-1)[self._no_speech_token])
