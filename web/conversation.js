@@ -180,10 +180,16 @@ export class Conversation {
     bubble.classList.toggle("interrupted", t.interrupted);
     bubble.classList.toggle("streaming", !t.done && !t.interrupted);
     const parts = this.#timing(t);
-    const key = parts.map((p) => p.textContent).join("|");
+    const key = parts.map((p) => p.text).join("|");
     if (timing.dataset.key !== key) { // rebuilt only when a figure changed
       timing.dataset.key = key;
-      timing.replaceChildren(...parts);
+      timing.replaceChildren(...parts.map(({ cls, text, title }) => {
+        const span = document.createElement("span");
+        span.className = cls;
+        span.textContent = text;
+        if (title) span.title = title;
+        return span;
+      }));
     }
     timing.hidden = parts.length === 0;
     this.emptyEl.hidden = true;
@@ -203,20 +209,15 @@ export class Conversation {
     return el;
   }
 
+  /** The turn's timing line as plain data: a paint builds spans only when it changed. */
   #timing(t) {
     const parts = [];
     if (t.v2v !== null) {
-      const v = document.createElement("span");
-      v.className = "v2v";
-      v.title = "voice to voice: end of your speech to the first sound of the reply";
-      v.textContent = `${Math.round(t.v2v)} ms`;
-      parts.push(v);
+      parts.push({ cls: "v2v", text: `${Math.round(t.v2v)} ms`,
+        title: "voice to voice: end of your speech to the first sound of the reply" });
     }
     for (const { label, ms } of this.breakdown(t)) {
-      const s = document.createElement("span");
-      s.className = "t-stage";
-      s.textContent = `${label} ${Math.round(ms)}`;
-      parts.push(s);
+      parts.push({ cls: "t-stage", text: `${label} ${Math.round(ms)}` });
     }
     return parts;
   }
