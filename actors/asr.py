@@ -12,6 +12,12 @@ the thread is free, and its words go out as a partial transcript: a live caption
 cue to compute them before the turn ends. It never waits, and the turn's real utterance cancels
 it like any newer job: the end of a turn waits at most for the stage the partial is in.
 
+A *pause* partial (the audio at the first moment of silence) is the likely end of the turn, sent
+before the endpointer is sure of it. It is transcribed at once (replacing a plain partial), and
+when the turn's utterance follows with the same speech (its ``voiced_bytes`` within the pause
+partial's audio, only silence after), that recognition, finished or still running, gives the
+turn's transcript: the turn's end does not wait for Whisper to start again.
+
 Several ASR processes, here or on other hosts, share sessions through the runtime's membership
 (see ``bus/membership.py``): each session is transcribed by exactly one of them.
 """
@@ -25,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 from actors.runtime import Actor, StartupError, main
@@ -36,6 +43,23 @@ from engines.asr.pipeline import Recognition, Recognizer, check_pcm
 T = TypeVar("T")
 PROGRESS_EVERY_S = 3.0  # a "still loading" line this often while a model loads
 NO_SPEECH = "no_speech"
+
+
+@dataclass(slots=True)
+class _Pause:
+    """A session's latest pause partial: its audio and, once known, its recognition."""
+
+    utterance: Utterance
+    result: Recognition | None = None
+    running: bool = True
+    # the turn's utterance, arrived while the recognition ran, and when it arrived
+    final: tuple[Utterance, float] | None = None
+
+    def holds(self, msg: Utterance) -> bool:
+        """Whether ``msg``, a turn's utterance, has exactly this audio's speech."""
+        pause, voiced = self.utterance, msg.voiced_bytes
+        return (pause.turn == msg.turn and 0 < voiced <= len(pause.pcm)
+                and pause.pcm[:voiced] == msg.pcm[:voiced])
 
 
 class Asr(Actor):
@@ -57,6 +81,7 @@ class Asr(Actor):
         self._rejected: collections.Counter[str] = collections.Counter()
         self._working = 0  # model calls running now (changed by the worker thread only)
         self._waiting = 0  # utterances (not partial) queued or being decoded
+        self._pauses: dict[str, _Pause] = {}  # per session, its latest pause partial
 
     @property
     def _busy(self) -> bool:
@@ -92,13 +117,33 @@ class Asr(Actor):
         if problem:
             self._reject(msg, problem)
             return
-        if msg.partial:
+        received = time.perf_counter()
+        pause = self._pauses.get(msg.session)
+        if msg.partial and msg.pause:  # newer audio than any job of the session: it replaces it
+            pause = self._pauses[msg.session] = _Pause(msg)
+            self.jobs.start(msg.session, msg.turn, self._transcribe_pause(pause))
+        elif msg.partial:
             # the latest words are worth it only if they come at once, and never in place of
             # a job of the session (an utterance that has not reached the worker yet)
             if not self._busy and not self.jobs.running(msg.session):
                 self.jobs.start(msg.session, msg.turn, self._transcribe_partial(msg))
-            return
-        self.jobs.start(msg.session, msg.turn, self._transcribe(msg, time.perf_counter()))
+        elif pause is not None and pause.holds(msg) and pause.result is not None:
+            self.jobs.start(msg.session, msg.turn,
+                            self._publish(msg, pause.result, received, reused=True))
+        elif pause is not None and pause.holds(msg) and pause.running and self.jobs.running(
+                msg.session):
+            pause.final = (msg, received)  # its recognition answers for the turn when done
+        else:
+            self._pauses.pop(msg.session, None)
+            self.jobs.start(msg.session, msg.turn, self._transcribe(msg, received))
+
+    async def interrupted(self, session: str, turn: int) -> None:
+        await super().interrupted(session, turn)
+        self._pauses.pop(session, None)
+
+    async def session_ended(self, session: str) -> None:
+        await super().session_ended(session)
+        self._pauses.pop(session, None)
 
     async def _recognise(self, msg: Utterance) -> Recognition:
         """``msg`` through the recogniser in the worker thread. When the job is cancelled (the
@@ -115,16 +160,33 @@ class Asr(Actor):
             raise
 
     async def _transcribe_partial(self, msg: Utterance) -> None:
-        started = time.perf_counter()
-        result = await self._recognise(msg)
+        self._publish_partial(msg, await self._recognise(msg))
+
+    async def _transcribe_pause(self, pause: _Pause) -> None:
+        """A pause partial: its words, as the turn's transcript if the turn's utterance came
+        meanwhile with the same speech, else as a partial one."""
+        msg = pause.utterance
+        self._waiting += 1  # likely the turn's end: plain partials do not start meanwhile
+        try:
+            pause.result = await self._recognise(msg)
+        finally:
+            self._waiting -= 1
+            pause.running = False
+        if pause.final is not None:
+            final, received = pause.final
+            await self._publish(final, pause.result, received, reused=True)
+        else:
+            self._publish_partial(msg, pause.result)
+
+    def _publish_partial(self, msg: Utterance, result: Recognition) -> None:
+        """The words so far of a turn still being spoken."""
         words = result.text.rstrip(".?!…")  # cut mid-sentence: Whisper's full stop is not one
         if self.turns.current(msg.session) != msg.turn or not words:
             return
         self.publish(Transcript(session=msg.session, turn=msg.turn, text=words,
                                 language=result.language or self.spec.language,
-                                asr_ms=(time.perf_counter() - started) * 1000,
-                                audio_s=result.audio_s, partial=True))
-        self.log.debug("asr_partial", session=msg.session, turn=msg.turn,
+                                asr_ms=result.asr_ms, audio_s=result.audio_s, partial=True))
+        self.log.debug("asr_partial", session=msg.session, turn=msg.turn, pause=msg.pause,
                        audio_s=round(result.audio_s, 2), whisper_ms=round(result.asr_ms))
 
     async def _transcribe(self, msg: Utterance, received: float) -> None:
@@ -133,12 +195,19 @@ class Asr(Actor):
             result = await self._recognise(msg)
         finally:
             self._waiting -= 1
+        await self._publish(msg, result, received)
+
+    async def _publish(self, msg: Utterance, result: Recognition, received: float,
+                       reused: bool = False) -> None:
+        """The turn's transcript (or ``no_speech``) from ``result``; ``reused`` when a pause
+        partial's recognition stands for the turn's utterance."""
         if self.turns.current(msg.session) != msg.turn:
             return  # interrupted while the model ran: nobody waits for this any more
         total_ms = (time.perf_counter() - received) * 1000
         fields = {"session": msg.session, "turn": msg.turn, "ms": round(total_ms),
                   "audio_s": round(result.audio_s, 2), "speech_s": round(result.speech_s, 2),
-                  "vad_ms": round(result.vad_ms, 1), "whisper_ms": round(result.asr_ms)}
+                  "vad_ms": round(result.vad_ms, 1), "whisper_ms": round(result.asr_ms),
+                  "from_pause": reused}
         if not result.text:
             self.log.info("asr_no_speech", reason=result.reason, **fields)
             self.publish(Control(session=msg.session, turn=msg.turn, kind=ControlKind.STATE,

@@ -101,12 +101,13 @@ class MediaActor(Actor):
         if not 0.0 < s.vad_threshold < 1.0:
             raise StartupError(f"--vad-threshold must be between 0 and 1, got {s.vad_threshold}")
         if (s.vad_silence_ms <= 0 or s.min_speech_ms < 0 or s.max_utterance_s <= 0
-                or s.partial_ms < 0):
+                or s.partial_ms < 0 or s.vad_pause_ms < 0):
             raise StartupError("--vad-silence-ms and --max-utterance-s must be positive, "
-                               "--min-speech-ms and --partial-ms not negative")
+                               "--min-speech-ms, --partial-ms and --vad-pause-ms not negative")
         self._endpoint = EndpointConfig(
             threshold=s.vad_threshold, silence_s=s.vad_silence_ms / 1000,
-            early_s=s.vad_early_ms / 1000, partial_s=s.partial_ms / 1000,
+            early_s=s.vad_early_ms / 1000, pause_s=s.vad_pause_ms / 1000,
+            partial_s=s.partial_ms / 1000,
             min_speech_s=s.min_speech_ms / 1000, max_utterance_s=s.max_utterance_s)
         if s.ice_loopback:
             offer_loopback_candidates()
@@ -333,16 +334,16 @@ class MediaActor(Actor):
         elif isinstance(event, Partial):
             turn = max(call.user_turn, self.turns.current(session))
             partial = Utterance(session=session, turn=turn, pcm=event.pcm, reason=event.reason,
-                                partial=True)
+                                partial=True, pause=event.pause)
             self.publish(partial)
-            self.log.debug("utterance_partial", session=session, turn=turn,
+            self.log.debug("utterance_partial", session=session, turn=turn, pause=event.pause,
                            s=round(partial.duration, 2))
         elif isinstance(event, End):
             # a page interrupt during the speech moved the turn on: the utterance belongs to it
             turn = max(call.user_turn, self.turns.current(session))
             now = time.time()
             utterance = Utterance(session=session, turn=turn, pcm=event.pcm, reason=event.reason,
-                                  speech_end=event.speech_end)
+                                  speech_end=event.speech_end, voiced_bytes=2 * event.voiced)
             if event.early:
                 call.track.hold(turn)  # answer now, play once the silence is confirmed
             self.publish(utterance)

@@ -110,6 +110,10 @@ class Utterance(Message):
     reason: str = "vad"  # vad | ptt | max_length
     speech_end: float = 0.0  # wall-clock time the user stopped speaking
     partial: bool = False  # the turn's audio so far, the user still speaking (for early words)
+    pause: bool = False  # (partial) the audio at the start of a pause: the turn may end here
+    # the leading bytes of ``pcm`` that hold all its speech (0: unknown): a turn's utterance
+    # whose speech a pause partial already held is transcribed by that partial's recognition
+    voiced_bytes: int = 0
 
     @property
     def duration(self) -> float:

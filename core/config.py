@@ -84,6 +84,10 @@ GROUPS: dict[str, tuple[Option, ...]] = {
         Option("--vad-early-ms", 120,
                "silence after which a hands-free turn is answered speculatively, played only "
                "once --vad-silence-ms confirms it (0: off)", type=int),
+        Option("--vad-pause-ms", 32,
+               "silence after which the words so far are transcribed at once, in case the turn "
+               "ends in this pause: the early end then finds them found or on the way (0: off)",
+               type=int),
         Option("--partial-ms", 600,
                "while the user speaks, the words so far are transcribed this often: a live "
                "caption, and a local LLM computes them before the turn ends (0: off)", type=int),

@@ -105,6 +105,7 @@ class End:
     reason: str  # vad | ptt | max_length
     speech_end: float  # wall clock of the end of the last speech
     early: bool = False
+    voiced: int = 0  # the leading samples of ``pcm`` that hold all its speech (0: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,10 +125,15 @@ class Resume:
 @dataclass(frozen=True, slots=True)
 class Partial:
     """The audio so far of a turn the user is still speaking: for its words to be known early
-    (a live caption, and a model that reads them before the turn ends). Never a turn's end."""
+    (a live caption, and a model that reads them before the turn ends). Never a turn's end.
+
+    ``pause`` marks the audio at the start of a pause: if the turn ends there, its End holds
+    the same speech (see ``End.voiced``), so the words found for this one are the turn's.
+    """
 
     pcm: bytes
     reason: str  # vad | ptt
+    pause: bool = False
 
 
 Event = Onset | End | Confirm | Resume | Partial
@@ -138,6 +144,9 @@ class EndpointConfig:
     threshold: float = 0.5
     silence_s: float = 0.5  # hands-free: silence that ends a turn
     early_s: float = 0.12  # silence after which the turn ends early (0: never)
+    # silence after which the audio so far goes out as a pause Partial, so that the words are
+    # being found while the early End waits for its silence (0: never)
+    pause_s: float = 0.0
     min_speech_s: float = 0.25  # speech before a hands-free turn starts (or a ptt take counts)
     max_utterance_s: float = 30.0
     pre_roll_s: float = 0.3  # audio kept from before the onset (speech starts softly)
@@ -170,6 +179,7 @@ class _Take:
     speech_end: float = 0.0
     confirmed: bool = False
     early_sent: bool = False  # an early End went out and is neither confirmed nor resumed
+    pause_sent: bool = False  # a pause Partial went out since the last voiced chunk
     stop_after: int | None = None  # push-to-talk released: samples still to take
     stop_at: float = 0.0
     partial_at: int = 0  # sample position of the last Partial
@@ -283,7 +293,7 @@ class Endpointer:
             take.speech_end = now
             return events + self._finish(now, reason="max_length")
         if take.speech >= self._s(self.config.min_speech_s):
-            events += self._early_end(take) or self._partial(take)
+            events += self._early_end(take) or self._pause(take) or self._partial(take)
         return events
 
     def _is_voiced(self, prob: float | None) -> bool:
@@ -300,6 +310,7 @@ class Endpointer:
         take.speech += len(chunk)
         take.silence_run = 0
         take.voiced_until = take.samples
+        take.pause_sent = False
         take.speech_end = now
         if take.early_sent:
             take.early_sent = False
@@ -314,7 +325,16 @@ class Endpointer:
             return []
         take.early_sent = True
         return [End(_to_pcm(take.chunks, self._speech_limit(take)), take.reason, take.speech_end,
-                    early=True)]
+                    early=True, voiced=take.voiced_until)]
+
+    def _pause(self, take: _Take) -> list[Event]:
+        """A pause Partial once a pause has lasted ``pause_s``: the turn may end in it."""
+        cfg = self.config
+        if (cfg.pause_s <= 0 or take.pause_sent or take.early_sent or take.silence_run == 0
+                or take.silence_run < self._s(cfg.pause_s)):
+            return []
+        take.pause_sent = True
+        return [Partial(_to_pcm(take.chunks), take.reason, pause=True)]
 
     def _feed_vad(self, chunk: np.ndarray, prob: float, now: float) -> list[Event]:
         cfg = self.config
@@ -345,7 +365,7 @@ class Endpointer:
         if take.samples >= self._s(cfg.max_utterance_s):
             take.speech_end = now
             return events + self._finish(now, reason="max_length")
-        return events + (self._early_end(take) or self._partial(take))
+        return events + (self._early_end(take) or self._pause(take) or self._partial(take))
 
     def _partial(self, take: _Take) -> list[Event]:
         """A Partial every ``partial_s`` of a confirmed take, while its speech goes on."""
@@ -379,7 +399,8 @@ class Endpointer:
             limit = self._speech_limit(take)
         pcm = _to_pcm(take.chunks, limit)
         self._keep_tail(take)
-        return [End(pcm, reason or take.reason, take.speech_end or now)]
+        voiced = take.voiced_until if limit is None or take.voiced_until <= limit else 0
+        return [End(pcm, reason or take.reason, take.speech_end or now, voiced=voiced)]
 
     def _keep_tail(self, take: _Take) -> None:
         """The trailing silence is the freshest audio: it becomes the next pre-roll."""

@@ -366,3 +366,51 @@ async def test_partial_utterances_give_early_words_only_when_the_model_is_free(b
     assert not any(m.partial for m in after if isinstance(m, Transcript))
     assert [m.stage for m in after if isinstance(m, Metric)] == ["transcript"]
     assert not [m for m in after if isinstance(m, Metric) and m.session == "p1"]
+
+
+async def test_a_pause_partial_recognition_stands_for_the_turn_that_ends_in_that_pause(
+        broker, actors):
+    """The turn's utterance promises (``voiced_bytes``) that all its speech is in its first
+    bytes; when a pause partial held exactly those, its recognition is the turn's transcript.
+    Here the utterance breaks that promise on purpose, with more words after ``voiced_bytes``:
+    they are heard only when the utterance is transcribed afresh."""
+    await actors.start("asr")
+    question = say("What is the capital of France?").astype("<i2").tobytes()
+    more = say("Tell me a joke.").astype("<i2").tobytes()
+
+    def pause(session: str) -> Utterance:
+        return Utterance(session=session, turn=1, pcm=question, partial=True, pause=True)
+
+    def turn(session: str, voiced: int) -> Utterance:
+        return Utterance(session=session, turn=1, pcm=question + more, voiced_bytes=voiced,
+                         speech_end=time.time())
+
+    async with harness.client(broker, [TRANSCRIPT, CONTROL, METRICS]) as bus:
+        # the turn ends while the pause's recognition runs: one transcript, from it
+        bus.publish(pause("z1"))
+        bus.publish(turn("z1", len(question)))
+        got = await harness.recv_until(bus, lambda m: isinstance(m, Transcript), TIMEOUT)
+        assert got.session == "z1" and not got.partial
+        assert {"capital", "france"} <= normalise(got.text) and "joke" not in normalise(got.text)
+        metric = await harness.recv_until(bus, lambda m: isinstance(m, Metric), TIMEOUT)
+        assert metric.stage == "transcript" and metric.session == "z1"
+        # the turn ends after it: its words went out as a partial first, then as the turn's
+        bus.publish(pause("z2"))
+        early = await harness.recv_until(bus, lambda m: isinstance(m, Transcript), TIMEOUT)
+        assert early.session == "z2" and early.partial
+        bus.publish(turn("z2", len(question)))
+        got = await harness.recv_until(bus, lambda m: isinstance(m, Transcript), TIMEOUT)
+        assert got.session == "z2" and not got.partial and "joke" not in normalise(got.text)
+        # speech past the pause's audio: the utterance is transcribed afresh, all of it
+        bus.publish(pause("z3"))
+        bus.publish(turn("z3", len(question) + len(more)))
+        got = await harness.recv_until(bus, lambda m: isinstance(m, Transcript), TIMEOUT)
+        assert got.session == "z3" and not got.partial
+        assert {"capital", "joke"} <= normalise(got.text), got.text
+        # no promise at all (0): afresh too
+        bus.publish(pause("z4"))
+        bus.publish(turn("z4", 0))
+        got = await harness.recv_until(bus, lambda m: isinstance(m, Transcript), TIMEOUT)
+        assert got.session == "z4" and "joke" in normalise(got.text), got.text
+        rest = await harness.collect(bus, lambda m: isinstance(m, Transcript), 1.0)
+    assert not rest, rest

@@ -612,3 +612,42 @@ def test_endpointer_sends_the_words_so_far_while_the_user_speaks():
     # off by default
     assert not [e for _, e in run(Endpointer(EndpointConfig()), [0.9] * 200)
                 if isinstance(e, Partial)]
+
+
+def test_endpointer_sends_the_audio_at_a_pause_whose_speech_the_end_then_holds():
+    cfg = EndpointConfig(threshold=0.5, silence_s=0.5, min_speech_s=0.25, early_s=0.12,
+                         pause_s=0.03, pre_roll_s=0.0, tail_s=0.1)
+    chunk = np.full(CHUNK, 0.1, dtype=np.float32)
+
+    def run(ep: Endpointer, probs: list[float]) -> list[tuple[int, object]]:
+        return [(i, e) for i, p in enumerate(probs) for e in ep.feed(chunk, p, now=float(i))]
+
+    # at the first silent chunk the audio so far goes out, once per pause; the early End that
+    # follows holds the same speech (its first `voiced` samples) and silence after it
+    events = run(Endpointer(cfg), [0.9] * 20 + [0.1] * 20)
+    assert [type(e).__name__ for _, e in events] == ["Onset", "Partial", "End", "Confirm"]
+    (_, _), (i_pause, pause), (i_end, end), _ = events
+    assert pause.pause and i_pause == 20 and len(pause.pcm) // 2 == 21 * CHUNK
+    assert end.early and i_end == 19 + 4 and end.voiced == 20 * CHUNK
+    assert pause.pcm[:2 * end.voiced] == end.pcm[:2 * end.voiced]
+    # speech after a short pause arms it again: each pause sends its own, the End holds the last
+    events = run(Endpointer(cfg), [0.9] * 20 + [0.1] * 2 + [0.9] * 10 + [0.1] * 20)
+    pauses = [(i, e) for i, e in events if isinstance(e, Partial)]
+    assert [i for i, _ in pauses] == [20, 32] and all(e.pause for _, e in pauses)
+    end = next(e for _, e in events if isinstance(e, End))
+    assert end.voiced == 32 * CHUNK and len(pauses[1][1].pcm) >= 2 * end.voiced
+    # push-to-talk: the same while the button is held
+    ep = Endpointer(cfg, mode="ptt")
+    ep.talk_start(0.0)
+    held = run(ep, [0.9] * 20 + [0.1] * 6)
+    assert [type(e).__name__ for _, e in held] == ["Partial", "End"]
+    assert held[0][1].pause and held[1][1].voiced == 20 * CHUNK
+    # off by default; a hands-free End without VAD evidence of its speech claims none
+    plain = run(Endpointer(EndpointConfig(early_s=0.0, pre_roll_s=0.0)), [0.9] * 20 + [0.1] * 20)
+    assert not [e for _, e in plain if isinstance(e, Partial)]
+    ep = Endpointer(cfg, mode="ptt")
+    ep.talk_start(0.0)
+    run(ep, [0.0] * 20)
+    assert not ep.talk_stop(21.0)
+    (late,) = [e for _ in range(10) for e in ep.feed(chunk, None, now=22.0)]
+    assert isinstance(late, End) and late.voiced == 0
