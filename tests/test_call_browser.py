@@ -166,6 +166,17 @@ async def test_hands_free_call_utterance_frame_reply_and_interrupt(stack: Stack,
         for i, word in enumerate(REPLY.split(" ")):
             stack.bus.publish(Token(session=session, turn=utt.turn, text=f" {word}", index=i))
         stack.bus.publish(Sentence(session=session, turn=utt.turn, text=REPLY, final=True))
+        # The reply's words wait for its voice: all of it has arrived, two frames have been
+        # painted since, and the question shows but the reply does not yet.
+        await page.wait_for(f"parley.summary().find(t => t.turn === {utt.turn} && t.done)", 5,
+                            what="reply received")
+        bubbles = await page.evaluate(
+            "new Promise(ok => requestAnimationFrame(() => requestAnimationFrame(() => {"
+            f" const el = document.querySelector('[data-turn=\"{utt.turn}\"]');"
+            " ok([el.querySelector('.user .text').textContent,"
+            " el.querySelector('.assistant').hidden,"
+            " el.querySelector('.assistant .text').textContent]); })))")
+        assert bubbles == [QUESTION, True, ""], bubbles
 
         # Two replies with a pause: the page hears each, and silence in between.
         now = await page.evaluate("performance.timeOrigin + performance.now()")

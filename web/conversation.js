@@ -7,6 +7,14 @@
 // Events only change the entries; the page is painted at most once per animation frame, however
 // many tokens and metrics arrive in it (a reply streams ~50 events a second, and each paint lays
 // out the conversation again: on a small machine the browser's work competes with the models').
+//
+// A reply's words appear as it speaks: until its voice starts (the server's "assistant_speaking"
+// for the turn, or its first sound heard here) its tokens and stage figures are kept, not
+// painted, so that the page does not draw through the very moments the reply is being made,
+// and the text does not run ahead of the voice. A reply that is never heard (no voice, a muted
+// engine) shows TEXT_HOLD_MS after its first words.
+
+const TEXT_HOLD_MS = 1500;
 
 export const STAGES = [
   ["transcript", "words"],
@@ -41,7 +49,7 @@ export class Conversation {
       t = {
         turn, user: "", userPartial: false, assistant: "", tokens: new Set(), sentences: new Map(),
         speechEnd: null, stages: {}, onset: null, v2v: null, done: false,
-        interrupted: false, noSpeech: false, el: null,
+        interrupted: false, noSpeech: false, el: null, voiced: false, holdTimer: 0,
       };
       this.turns.set(turn, t);
       this.latest = Math.max(this.latest, turn);
@@ -58,7 +66,8 @@ export class Conversation {
         if (msg.void) this.#forget(msg.turn - 1); // spoken on through: the new turn has it all
         for (const [n, old] of this.turns) {
           if (n < msg.turn && old.assistant && !old.done) {
-            old.interrupted = true;
+            old.interrupted = true; // what it said so far, marked as cut off; if it had
+            clearTimeout(old.holdTimer); // not spoken yet, nothing of it was heard: none shows
             this.render(old);
           }
         }
@@ -90,12 +99,32 @@ export class Conversation {
           t.noSpeech = true;
           if (t.userPartial) t.user = ""; // the caption was not speech after all
         }
+        if (msg.state === "assistant_speaking") {
+          this.#voice(t);
+          return t;
+        }
         break;
       default:
         return null;
     }
-    this.render(t);
+    const reply = msg.type === "token" || msg.type === "sentence"
+      || (msg.type === "metric" && msg.stage !== "speech_end"); // the reply's, not the user's
+    if (reply && !t.voiced) this.#hold(t);
+    else this.render(t);
     return t;
+  }
+
+  /** Keep ``t``'s reply unpainted until its voice starts, at most TEXT_HOLD_MS. */
+  #hold(t) {
+    this.dirty.add(t);
+    if (!t.holdTimer) t.holdTimer = setTimeout(() => this.#voice(t), TEXT_HOLD_MS);
+  }
+
+  /** ``t``'s reply is being spoken (or will never be): its words show from now on. */
+  #voice(t) {
+    clearTimeout(t.holdTimer);
+    t.voiced = true;
+    this.render(t);
   }
 
   /** The reply's first audible sample at `atMs` (page wall clock): the latest waiting turn's. */
@@ -108,7 +137,7 @@ export class Conversation {
       if (atMs < speechEndPage) return null;
       t.onset = atMs;
       t.v2v = atMs - speechEndPage;
-      this.render(t);
+      this.#voice(t);
       return t;
     }
     return null;
@@ -135,6 +164,7 @@ export class Conversation {
   #forget(turn) {
     const old = this.turns.get(turn);
     if (!old) return;
+    clearTimeout(old.holdTimer);
     old.el?.remove();
     this.dirty.delete(old);
     this.turns.delete(turn);
@@ -173,9 +203,10 @@ export class Conversation {
     user.parentElement.hidden = !t.user && !waiting;
     user.parentElement.classList.toggle("pending", !t.user);
     user.parentElement.classList.toggle("live", Boolean(t.user && t.userPartial));
-    setText(reply, t.assistant);
+    const said = t.voiced ? t.assistant : "";
+    setText(reply, said);
     const bubble = reply.parentElement;
-    bubble.hidden = !t.assistant;
+    bubble.hidden = !said;
     bubble.setAttribute("aria-busy", String(!t.done && !t.interrupted));
     bubble.classList.toggle("interrupted", t.interrupted);
     bubble.classList.toggle("streaming", !t.done && !t.interrupted);
@@ -223,6 +254,7 @@ export class Conversation {
   }
 
   clear() {
+    for (const t of this.turns.values()) clearTimeout(t.holdTimer);
     this.dirty.clear();
     this.turns.clear();
     this.latest = 0;
