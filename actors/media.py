@@ -101,12 +101,14 @@ class MediaActor(Actor):
         if not 0.0 < s.vad_threshold < 1.0:
             raise StartupError(f"--vad-threshold must be between 0 and 1, got {s.vad_threshold}")
         if (s.vad_silence_ms <= 0 or s.min_speech_ms < 0 or s.max_utterance_s <= 0
-                or s.partial_ms < 0 or s.vad_pause_ms < 0):
+                or s.partial_ms < 0 or s.vad_pause_ms < 0 or s.vad_quiet_db < 0):
             raise StartupError("--vad-silence-ms and --max-utterance-s must be positive, "
-                               "--min-speech-ms, --partial-ms and --vad-pause-ms not negative")
+                               "--min-speech-ms, --partial-ms, --vad-pause-ms and "
+                               "--vad-quiet-db not negative")
         self._endpoint = EndpointConfig(
             threshold=s.vad_threshold, silence_s=s.vad_silence_ms / 1000,
             early_s=s.vad_early_ms / 1000, pause_s=s.vad_pause_ms / 1000,
+            quiet_ratio=10 ** (-s.vad_quiet_db / 20) if s.vad_quiet_db > 0 else 0.0,
             partial_s=s.partial_ms / 1000,
             min_speech_s=s.min_speech_ms / 1000, max_utterance_s=s.max_utterance_s)
         if s.ice_loopback:

@@ -88,6 +88,10 @@ GROUPS: dict[str, tuple[Option, ...]] = {
                "silence after which the words so far are transcribed at once, in case the turn "
                "ends in this pause: the early end then finds them found or on the way (0: off)",
                type=int),
+        Option("--vad-quiet-db", 30.0,
+               "a chunk this many dB below the take's speech is a pause for --vad-pause-ms "
+               "even while the VAD, which lags the sound by ~60 ms, still hears speech "
+               "(0: the VAD alone)", type=float),
         Option("--partial-ms", 600,
                "while the user speaks, the words so far are transcribed this often: a live "
                "caption, and a local LLM computes them before the turn ends (0: off)", type=int),

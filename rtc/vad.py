@@ -147,6 +147,9 @@ class EndpointConfig:
     # silence after which the audio so far goes out as a pause Partial, so that the words are
     # being found while the early End waits for its silence (0: never)
     pause_s: float = 0.0
+    # a chunk this much quieter (RMS) than the take's speech so far is a pause too, though the
+    # VAD, whose probability lags the sound by ~60 ms, still calls it speech (0: the VAD only)
+    quiet_ratio: float = 0.0
     min_speech_s: float = 0.25  # speech before a hands-free turn starts (or a ptt take counts)
     max_utterance_s: float = 30.0
     pre_roll_s: float = 0.3  # audio kept from before the onset (speech starts softly)
@@ -179,7 +182,10 @@ class _Take:
     speech_end: float = 0.0
     confirmed: bool = False
     early_sent: bool = False  # an early End went out and is neither confirmed nor resumed
-    pause_sent: bool = False  # a pause Partial went out since the last voiced chunk
+    pause_sent: bool = False  # a pause Partial went out since the last loud chunk
+    loud_until: int = 0  # sample position right after the last voiced chunk that was not quiet
+    voiced_rms: float = 0.0  # sum of the voiced chunks' RMS ...
+    voiced_chunks: int = 0  # ... over this many
     stop_after: int | None = None  # push-to-talk released: samples still to take
     stop_at: float = 0.0
     partial_at: int = 0  # sample position of the last Partial
@@ -251,6 +257,20 @@ class Endpointer:
         """Where a take's audio is cut: its last speech and ``tail_s`` after it."""
         return take.voiced_until + self._s(self.config.tail_s)
 
+    def _quiet_chunk(self, take: _Take, chunk: np.ndarray) -> bool:
+        """Whether a voiced ``chunk`` is ``quiet_ratio`` quieter than the take's speech so far
+        (the VAD's lag after the sound stopped); the take's level learns from it if not."""
+        ratio = self.config.quiet_ratio
+        if ratio <= 0:
+            return False
+        rms = float(np.sqrt(np.mean(np.square(chunk, dtype=np.float32)))) if len(chunk) else 0.0
+        level = take.voiced_rms / take.voiced_chunks if take.voiced_chunks else 0.0
+        if take.voiced_chunks and rms < ratio * level:
+            return True
+        take.voiced_rms += rms
+        take.voiced_chunks += 1
+        return False
+
     def _quiet(self, take: _Take) -> bool:
         """A push-to-talk take whose speech has been followed by ``ptt_quiet_s`` of silence."""
         return (take.speech >= self._s(self.config.min_speech_s)
@@ -310,7 +330,9 @@ class Endpointer:
         take.speech += len(chunk)
         take.silence_run = 0
         take.voiced_until = take.samples
-        take.pause_sent = False
+        if not self._quiet_chunk(take, chunk):
+            take.loud_until = take.samples
+            take.pause_sent = False
         take.speech_end = now
         if take.early_sent:
             take.early_sent = False
@@ -325,13 +347,16 @@ class Endpointer:
             return []
         take.early_sent = True
         return [End(_to_pcm(take.chunks, self._speech_limit(take)), take.reason, take.speech_end,
-                    early=True, voiced=take.voiced_until)]
+                    early=True, voiced=take.loud_until)]
 
     def _pause(self, take: _Take) -> list[Event]:
-        """A pause Partial once a pause has lasted ``pause_s``: the turn may end in it."""
+        """A pause Partial once a pause has lasted ``pause_s``, or the sound has dropped (a
+        quiet chunk after the last loud one): the turn may end in it."""
         cfg = self.config
-        if (cfg.pause_s <= 0 or take.pause_sent or take.early_sent or take.silence_run == 0
-                or take.silence_run < self._s(cfg.pause_s)):
+        if cfg.pause_s <= 0 or take.pause_sent or take.early_sent:
+            return []
+        quiet = take.samples > take.loud_until  # the latest chunk was not loud speech
+        if not (quiet and (self._voiced or take.silence_run >= self._s(cfg.pause_s))):
             return []
         take.pause_sent = True
         return [Partial(_to_pcm(take.chunks), take.reason, pause=True)]
@@ -399,7 +424,7 @@ class Endpointer:
             limit = self._speech_limit(take)
         pcm = _to_pcm(take.chunks, limit)
         self._keep_tail(take)
-        voiced = take.voiced_until if limit is None or take.voiced_until <= limit else 0
+        voiced = take.loud_until if limit is None or take.loud_until <= limit else 0
         return [End(pcm, reason or take.reason, take.speech_end or now, voiced=voiced)]
 
     def _keep_tail(self, take: _Take) -> None:

@@ -651,3 +651,26 @@ def test_endpointer_sends_the_audio_at_a_pause_whose_speech_the_end_then_holds()
     assert not ep.talk_stop(21.0)
     (late,) = [e for _ in range(10) for e in ep.feed(chunk, None, now=22.0)]
     assert isinstance(late, End) and late.voiced == 0
+
+
+def test_a_sound_that_drops_is_a_pause_before_the_vad_hears_it():
+    """The VAD's probability lags the sound (~60 ms): a voiced chunk 30 dB quieter than the
+    take's speech already starts the pause, and the End's speech stops before it."""
+    cfg = EndpointConfig(threshold=0.5, silence_s=0.5, min_speech_s=0.25, early_s=0.12,
+                         pause_s=0.03, quiet_ratio=10 ** (-30 / 20), pre_roll_s=0.0, tail_s=0.1)
+    loud, faint = np.full(CHUNK, 0.1, dtype=np.float32), np.full(CHUNK, 0.001, dtype=np.float32)
+    ep = Endpointer(cfg)
+    events = []
+    for i, (chunk, prob) in enumerate([(loud, 0.9)] * 20 + [(faint, 0.9)] * 2 + [(faint, 0.1)] * 6):
+        events += [(i, e) for e in ep.feed(chunk, prob, now=float(i))]
+    assert [type(e).__name__ for _, e in events] == ["Onset", "Partial", "End"]
+    (_, _), (i_pause, pause), (_, end) = events
+    assert pause.pause and i_pause == 20 and len(pause.pcm) // 2 == 21 * CHUNK
+    assert end.voiced == 20 * CHUNK and len(end.pcm) // 2 == 22 * CHUNK + int(0.1 * cfg.rate)
+    # a quiet moment inside speech sends one too (a partial, harmless); the loud speech after
+    # it arms the next pause, and the End's speech runs to the last loud chunk
+    ep = Endpointer(cfg)
+    probs = [(loud, 0.9)] * 10 + [(faint, 0.9)] + [(loud, 0.9)] * 10 + [(faint, 0.1)] * 6
+    events = [(i, e) for i, (c, p) in enumerate(probs) for e in ep.feed(c, p, now=float(i))]
+    assert [i for i, e in events if isinstance(e, Partial)] == [10, 21]
+    assert next(e for _, e in events if isinstance(e, End)).voiced == 21 * CHUNK
