@@ -93,6 +93,14 @@ def test_speakable() -> None:
     assert speakable(" ... ") == ""
 
 
+def test_the_first_clause_goes_on_its_own_at_a_comma_after_three_words():
+    assert split_text("Bees make honey, which they collect from flowers.") == [
+        "Bees make honey,", "which they collect from flowers."]
+    # fewer words before the comma: too short a phrase to say alone
+    assert split_text("Yes, a lemon is yellow.") == ["Yes, a lemon is yellow."]
+    assert split_text("Of course, bees make honey.") == ["Of course, bees make honey."]
+
+
 def test_a_long_first_sentence_without_commas_is_cut_before_a_conjunction():
     assert split_text("The sky on a clear day is usually blue and the sky above us can be grey.") == [
         "The sky on a clear day is usually blue", "and the sky above us can be grey."]

@@ -205,13 +205,13 @@ _OPENERS = _CONJUNCTIONS | frozenset({
     "in", "into", "like", "of", "on", "since", "than", "that", "to", "when", "where", "who",
     "whose", "with", "without"})
 _NEXT_WORD = re.compile(r"[A-Za-z']+")
-CONJUNCTION_EXTRA_WORDS = 2  # a conjunction cut needs a longer first clause than a comma cut
+CONJUNCTION_EXTRA_WORDS = 3  # a conjunction cut needs a longer first clause than a comma cut
 
 
 class SentenceSplitter:
     """Streaming sentence boundaries over clean text (see the module docstring)."""
 
-    def __init__(self, *, first_clause_words: int = 4, first_span_words: int = 7,
+    def __init__(self, *, first_clause_words: int = 3, first_span_words: int = 7,
                  early_words: int = 16) -> None:
         self.first_clause_words = first_clause_words
         self.first_span_words = first_span_words
@@ -363,7 +363,7 @@ def _next_word_start(buf: str, j: int) -> str | None:
 class SpeechChunker:
     """Markdown stripping then sentence splitting: reply deltas in, speakable sentences out."""
 
-    def __init__(self, *, first_clause_words: int = 4) -> None:
+    def __init__(self, *, first_clause_words: int = 3) -> None:
         self._markdown = MarkdownStripper()
         self._splitter = SentenceSplitter(first_clause_words=first_clause_words)
 
@@ -375,7 +375,7 @@ class SpeechChunker:
         return out + self._splitter.flush()
 
 
-def split_text(text: str, *, first_clause_words: int = 4) -> list[str]:
+def split_text(text: str, *, first_clause_words: int = 3) -> list[str]:
     """All sentences of a whole reply (what the streaming path yields, in one call)."""
     chunker = SpeechChunker(first_clause_words=first_clause_words)
     return chunker.feed(text) + chunker.flush()
