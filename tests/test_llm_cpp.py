@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from engines.llm import BackendSpec, ChatMessage, ModelUnavailable
@@ -17,6 +18,7 @@ from engines.llm.decoding import Stopped
 from engines.llm.gguf_convert import bundled_gguf
 from engines.llm.history import History, default_prompt
 from engines.llm.llama_cpp import (
+    BACKGROUND_CHUNK,
     CHUNK,
     PRE_TOKENIZER_ALIASES,
     CacheFull,
@@ -126,6 +128,33 @@ def test_a_stop_ends_a_prompt_within_one_chunk(backend: LocalBackend) -> None:
     stop.set()
     with pytest.raises(Stopped):
         next(tokens)
+
+
+def test_work_ahead_of_a_turn_is_the_same_computation_and_stops_sooner(
+        backend: LocalBackend) -> None:
+    """Background work (the words so far) runs on one thread in small chunks: the same
+    logits, and a stop seen after BACKGROUND_CHUNK tokens."""
+    decoder = backend.fast
+    ids = ids_of(backend, chat("What is the capital of France and of Spain?"))
+    assert len(ids) > 2 * BACKGROUND_CHUNK
+    ahead = decoder.forward(ids, decoder.new_cache(), background=True)
+    now = decoder.forward(ids, decoder.new_cache())
+    assert int(np.argmax(ahead)) == int(np.argmax(now))
+    assert np.allclose(ahead, now, atol=0.5)  # other thread counts round differently
+
+    class StopAfterFirstChunk:
+        calls = 0
+
+        def is_set(self) -> bool:
+            self.calls += 1
+            return self.calls > 1
+
+    cache = decoder.new_cache()
+    with pytest.raises(Stopped):
+        decoder.forward(ids, cache, StopAfterFirstChunk(), background=True)
+    assert cache.ids == ids[:BACKGROUND_CHUNK]
+    # and the context is back on its prompt threads for the turn itself
+    assert decoder.forward(ids[BACKGROUND_CHUNK:], cache) is not None
 
 
 def test_a_full_context_is_reported_and_dropped_caches_free_it() -> None:

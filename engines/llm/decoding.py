@@ -50,9 +50,11 @@ Logits = TypeVar("Logits")
 class Decoder(Protocol[Logits]):
     """Forward passes over :class:`PromptCache` objects, and the choice of the next token."""
 
-    def forward(self, ids: list[int], cache: Any, stop: StopFlag | None = None) -> Logits:
+    def forward(self, ids: list[int], cache: Any, stop: StopFlag | None = None,
+                background: bool = False) -> Logits:
         """Append ``ids`` to ``cache``; the logits after the last of them. Raises
-        :class:`Stopped` when ``stop`` is set."""
+        :class:`Stopped` when ``stop`` is set. ``background``: work ahead of a turn, which
+        should leave the other models the CPU and stop soon when the turn comes."""
         ...
 
     def pick(self, logits: Logits, seen: set[int], repetition_penalty: float) -> int:

@@ -47,6 +47,10 @@ from engines.llm.decoding import StopFlag, Stopped
 PACKAGE = "gpt4all"  # the wheel whose prebuilt llama.cpp is used
 LIBRARY = "llmodel_DO_NOT_MODIFY/build/libllamamodel-mainline-{variant}.so"
 CHUNK = 16  # prompt tokens per llama_decode call: a stop is seen within one chunk's time
+# Work done ahead of a turn (the words so far) runs on one thread, so that the speech
+# recogniser finding the turn's last words keeps the other core, in chunks small enough that
+# the turn, when it comes, waits for one of them only (~35 ms here).
+BACKGROUND_CHUNK = 4
 KQ_MASK_PAD = 32  # llama.cpp's least batch size
 CONTEXT_PER_SESSION = 2048  # key/value positions reserved per kept session
 DEFAULT_SEED = 0xFFFFFFFF
@@ -279,20 +283,31 @@ class LlamaCpp:
 
     # -- forward
 
-    def forward(self, ids: list[int], cache: SeqCache,
-                stop: StopFlag | None = None) -> np.ndarray:
+    def forward(self, ids: list[int], cache: SeqCache, stop: StopFlag | None = None,
+                background: bool = False) -> np.ndarray:
         """Append ``ids`` to ``cache``; the logits (float32) after the last of them.
 
-        Several tokens at once are computed on ``batch_threads``, one on ``threads``.
+        Several tokens at once are computed on ``batch_threads``, one on ``threads``;
+        ``background`` work on ``threads`` only, :data:`BACKGROUND_CHUNK` tokens at a time.
         """
         if self._closed.is_set():
             raise Stopped
         self._reclaim()
+        if not background:
+            return self._forward(ids, cache, stop, CHUNK)
+        self._lib.llama_set_n_threads(self._ctx, self.threads, self.threads)
+        try:
+            return self._forward(ids, cache, stop, BACKGROUND_CHUNK)
+        finally:
+            self._lib.llama_set_n_threads(self._ctx, self.threads, self.batch_threads)
+
+    def _forward(self, ids: list[int], cache: SeqCache, stop: StopFlag | None,
+                 size: int) -> np.ndarray:
         logits = None
-        for start in range(0, len(ids), CHUNK):
+        for start in range(0, len(ids), size):
             if stop is not None and stop.is_set():
                 raise Stopped
-            chunk = ids[start:start + CHUNK]
+            chunk = ids[start:start + size]
             tokens = (ctypes.c_int32 * len(chunk))(*chunk)
             batch = self._lib.llama_batch_get_one(tokens, len(chunk), len(cache.ids), cache.seq)
             status = self._lib.llama_decode(self._ctx, batch)

@@ -300,11 +300,12 @@ class FastLlama:
     # -- forward
 
     @torch.inference_mode()
-    def forward(self, ids: list[int], cache: KVCache,
-                stop: StopFlag | None = None) -> torch.Tensor:
+    def forward(self, ids: list[int], cache: KVCache, stop: StopFlag | None = None,
+                background: bool = False) -> torch.Tensor:
         """Append ``ids`` to ``cache``; the logits (float32) after the last of them.
 
-        Runs in chunks of :data:`CHUNK` tokens and checks ``stop`` before every layer.
+        Runs in chunks of :data:`CHUNK` tokens and checks ``stop`` before every layer (so
+        ``background`` work, which llama.cpp runs on fewer threads, needs nothing more here).
         """
         logits = None
         for start in range(0, len(ids), CHUNK):

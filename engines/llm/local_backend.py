@@ -431,7 +431,7 @@ class LocalBackend:
             cache.truncate(common_prefix(cache.ids, ids))
             todo = ids[len(cache.ids):]
             if todo:
-                self._fast.forward(todo, cache, halt)
+                self._fast.forward(todo, cache, halt, background=True)
         except (Stopped, CacheFull):
             stopped = True  # the next turn is here already (or no room): it computes it
         self._log.debug("llm_prefilled_ahead", session=session, tokens=len(todo),
