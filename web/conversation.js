@@ -95,14 +95,13 @@ export class Conversation {
         else t.stages[msg.stage] = msg;
         break;
       case "state":
-        if (msg.state === "no_speech") {
-          t.noSpeech = true;
-          if (t.userPartial) t.user = ""; // the caption was not speech after all
-        }
         if (msg.state === "assistant_speaking") {
           this.#voice(t);
           return t;
         }
+        if (msg.state !== "no_speech") return t; // the speakers' panel shows the others
+        t.noSpeech = true;
+        if (t.userPartial) t.user = ""; // the caption was not speech after all
         break;
       default:
         return null;
@@ -210,7 +209,7 @@ export class Conversation {
     bubble.setAttribute("aria-busy", String(!t.done && !t.interrupted));
     bubble.classList.toggle("interrupted", t.interrupted);
     bubble.classList.toggle("streaming", !t.done && !t.interrupted);
-    const parts = this.#timing(t);
+    const parts = t.voiced ? this.#timing(t) : []; // the figures come with the voice
     const key = parts.map((p) => p.text).join("|");
     if (timing.dataset.key !== key) { // rebuilt only when a figure changed
       timing.dataset.key = key;
