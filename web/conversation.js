@@ -142,8 +142,10 @@ export class Conversation {
     return null;
   }
 
-  /** Rows for the latency card: each stage, then the first sound heard, from speech end. */
+  /** Rows for the latency card: each stage, then the first sound heard, from speech end (once
+   * the reply speaks, like its words). */
   waterfall(t) {
+    if (!t.voiced) return [];
     const rows = this.breakdown(t);
     if (t.v2v !== null) rows.push({ stage: "heard", label: "heard", ms: t.v2v });
     return rows;
