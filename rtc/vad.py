@@ -351,9 +351,12 @@ class Endpointer:
 
     def _pause(self, take: _Take) -> list[Event]:
         """A pause Partial once a pause has lasted ``pause_s``, or the sound has dropped (a
-        quiet chunk after the last loud one): the turn may end in it."""
+        quiet chunk after the last loud one): the turn may end in it. Like plain partials,
+        only within ``partial_max_s``: a longer take's pauses inside the speech would keep the
+        recogniser busy with long audio just when the turn's end needs it."""
         cfg = self.config
-        if cfg.pause_s <= 0 or take.pause_sent or take.early_sent:
+        if (cfg.pause_s <= 0 or take.pause_sent or take.early_sent
+                or take.samples > self._s(cfg.partial_max_s)):
             return []
         quiet = take.samples > take.loud_until  # the latest chunk was not loud speech
         if not (quiet and (self._voiced or take.silence_run >= self._s(cfg.pause_s))):

@@ -636,6 +636,10 @@ def test_endpointer_sends_the_audio_at_a_pause_whose_speech_the_end_then_holds()
     assert [i for i, _ in pauses] == [20, 32] and all(e.pause for _, e in pauses)
     end = next(e for _, e in events if isinstance(e, End))
     assert end.voiced == 32 * CHUNK and len(pauses[1][1].pcm) >= 2 * end.voiced
+    # none past partial_max_s (4 s of take): the turn's end is then transcribed as it comes
+    long_take = run(Endpointer(cfg), [0.9] * 130 + [0.1] * 20)
+    assert [type(e).__name__ for _, e in long_take] == ["Onset", "End", "Confirm"]
+    assert long_take[1][1].voiced == 130 * CHUNK
     # push-to-talk: the same while the button is held
     ep = Endpointer(cfg, mode="ptt")
     ep.talk_start(0.0)
