@@ -295,6 +295,10 @@ async def test_hands_free_utterance_and_frame(broker, actors):
     assert np.sqrt(np.mean(pcm * pcm)) > 300  # speech, not silence
     assert utterance.ts >= utterance.speech_end > onset.ts - 5
     assert metric.at == utterance.speech_end
+    # the pause it ended in went out first, holding all of the utterance's speech
+    pause = [m for m in c.log.find(of(Utterance, c.session, partial=True)) if m.pause][-1]
+    assert 0 < utterance.voiced_bytes <= len(pause.pcm) <= len(utterance.pcm)
+    assert pause.pcm[:utterance.voiced_bytes] == utterance.pcm[:utterance.voiced_bytes]
     image = Image.open(io.BytesIO(frame.jpeg))
     assert image.format == "JPEG" and image.size == CAMERA == (frame.width, frame.height)
     assert frame.kind == "screen"  # as the offer said
