@@ -118,24 +118,26 @@ class Asr(Actor):
             self._reject(msg, problem)
             return
         received = time.perf_counter()
-        pause = self._pauses.get(msg.session)
         if msg.partial and msg.pause:  # newer audio than any job of the session: it replaces it
             pause = self._pauses[msg.session] = _Pause(msg)
             self.jobs.start(msg.session, msg.turn, self._transcribe_pause(pause))
-        elif msg.partial:
+            return
+        if msg.partial:
             # the latest words are worth it only if they come at once, and never in place of
             # a job of the session (an utterance that has not reached the worker yet)
             if not self._busy and not self.jobs.running(msg.session):
                 self.jobs.start(msg.session, msg.turn, self._transcribe_partial(msg))
-        elif pause is not None and pause.holds(msg) and pause.result is not None:
-            self.jobs.start(msg.session, msg.turn,
-                            self._publish(msg, pause.result, received, reused=True))
-        elif pause is not None and pause.holds(msg) and pause.running and self.jobs.running(
-                msg.session):
-            pause.final = (msg, received)  # its recognition answers for the turn when done
-        else:
-            self._pauses.pop(msg.session, None)
-            self.jobs.start(msg.session, msg.turn, self._transcribe(msg, received))
+            return
+        pause = self._pauses.pop(msg.session, None)  # the turn's utterance settles it either way
+        if pause is not None and pause.holds(msg):
+            if pause.result is not None:
+                self.jobs.start(msg.session, msg.turn,
+                                self._publish(msg, pause.result, received, reused=True))
+                return
+            if pause.running and self.jobs.running(msg.session):
+                pause.final = (msg, received)  # its recognition answers for the turn when done
+                return
+        self.jobs.start(msg.session, msg.turn, self._transcribe(msg, received))
 
     async def interrupted(self, session: str, turn: int) -> None:
         await super().interrupted(session, turn)
