@@ -234,6 +234,7 @@ class LLMActor(Actor):
         reply = exchange.reply
         pause = state.pause
         counts = {"token": 0, "sentence": 0}
+        first: dict[str, float] = {}  # when the first token came; the first sentence's figures
 
         def live() -> bool:
             return self.turns.current(session) == turn and self._sessions.get(session) is state
@@ -250,6 +251,9 @@ class LLMActor(Actor):
                                   index=counts["sentence"], final=final))
             if counts["sentence"] == 0 and text:
                 metric("first_sentence")
+                first["sentence_tokens"] = counts["token"]
+                first["sentence_ms"] = round((time.time() - first.get("token", time.time()))
+                                             * 1000)
                 if not final:  # more to come, but after the first sound
                     pause.hold(self.settings.llm_yield_ms / 1000)
             counts["sentence"] += 1
@@ -268,6 +272,7 @@ class LLMActor(Actor):
                                        index=counts["token"]))
                     if counts["token"] == 0:
                         metric("first_token")
+                        first["token"] = time.time()
                     counts["token"] += 1
                     for sentence in chunker.feed(delta):
                         say(sentence)
@@ -277,7 +282,9 @@ class LLMActor(Actor):
             if not rest:
                 say("", final=True)
             log.info("llm_reply", tokens=counts["token"], sentences=counts["sentence"],
-                     ms=round((time.time() - received) * 1000))
+                     ms=round((time.time() - received) * 1000),
+                     first_sentence_tokens=first.get("sentence_tokens"),
+                     first_sentence_ms=first.get("sentence_ms"))
             state.commit(exchange)
             if live():  # while the reply is spoken, the backend may compute the next prompt
                 self.backend.prepare(session, state.history.prefix(self._system_prompt(

@@ -74,6 +74,25 @@ PTT_DRIVER = """
 })()
 """
 
+# The page's receiver of the reply (WebRTC getStats): the mean time an audio sample waited in
+# Chromium's jitter buffer, the buffer's own target, and its concealment (samples it invented
+# because a packet was late): the part of the last stage that is the network's and NetEq's.
+RECEIVER_STATS = """
+(async () => {
+  const stats = await parley.pc.getStats();
+  for (const s of stats.values()) {
+    if (s.type !== "inbound-rtp" || s.kind !== "audio" || !s.jitterBufferEmittedCount) continue;
+    const per = (v) => (v || 0) * 1000 / s.jitterBufferEmittedCount;
+    return JSON.stringify({
+      jitter_buffer_ms: per(s.jitterBufferDelay), target_ms: per(s.jitterBufferTargetDelay),
+      minimum_ms: per(s.jitterBufferMinimumDelay),
+      concealed_pct: 100 * (s.concealedSamples || 0) / Math.max(1, s.totalSamplesReceived || 0),
+      jitter_ms: (s.jitter || 0) * 1000});
+  }
+  return "{}";
+})()
+"""
+
 
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
@@ -129,6 +148,7 @@ async def run_mode(mode: str, url: str, wav: Path, questions: list[str], gap_s: 
         if mode == "ptt":
             await page.evaluate(PTT_DRIVER)
         await asyncio.sleep(duration)
+        receiver = json.loads(await page.evaluate(RECEIVER_STATS))
         data = json.loads(await page.evaluate(
             "JSON.stringify({summary: parley.summary(), micOnsets: parley.micOnsets,"
             " micOffsets: parley.micOffsets, onsets: parley.onsets, offsets: parley.offsets,"
@@ -154,7 +174,7 @@ async def run_mode(mode: str, url: str, wav: Path, questions: list[str], gap_s: 
                                 for k, v in (turn.get("stages") or {}).items()}}
         turns.append(row)
     return {"turns": turns, "errors": data["errors"], "questions": len(questions),
-            "spoken": len(spans)}
+            "spoken": len(spans), "receiver": receiver}
 
 
 def summarise(result: dict) -> dict:
@@ -164,7 +184,8 @@ def summarise(result: dict) -> dict:
            "replies_with_stalls": sum(1 for t in result["turns"] if t.get("stalls_ms")),
            "stalls": len(gaps), "stall_max_ms": max(gaps, default=0.0),
            "v2v_p50_ms": percentile(v2v, 50), "v2v_p95_ms": percentile(v2v, 95),
-           "v2v_mean_ms": statistics.fmean(v2v) if v2v else None, "stages": {}}
+           "v2v_mean_ms": statistics.fmean(v2v) if v2v else None, "stages": {},
+           "receiver": result.get("receiver", {})}
     for stage in STAGES:
         values = [t["stages"][stage] for t in result["turns"]
                   if stage in t.get("stages", {})]
@@ -214,6 +235,11 @@ async def main() -> None:
             print(f"  {stage:<16}{fmt(s['stages'][stage]['p50_ms']):>8}"
                   f"{fmt(s['stages'][stage]['p95_ms']):>8}")
         print(f"  {'voice-to-voice':<16}{fmt(s['v2v_p50_ms']):>8}{fmt(s['v2v_p95_ms']):>8}")
+        if s["receiver"]:
+            r = s["receiver"]
+            print(f"  receiver: jitter buffer {r['jitter_buffer_ms']:.0f} ms mean (target "
+                  f"{r['target_ms']:.0f}, minimum {r['minimum_ms']:.0f}), concealed "
+                  f"{r['concealed_pct']:.1f}% of samples, jitter {r['jitter_ms']:.1f} ms")
         print(f"  stalls (silences >= {STALL_MS} ms inside a reply): {s['stalls']} in "
               f"{s['replies_with_stalls']} replies, longest {fmt(s['stall_max_ms'])} ms")
         for turn in result["turns"]:
