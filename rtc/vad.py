@@ -183,7 +183,7 @@ class _Take:
     confirmed: bool = False
     early_sent: bool = False  # an early End went out and is neither confirmed nor resumed
     pause_sent: bool = False  # a pause Partial went out since the last loud chunk
-    loud_until: int = 0  # sample position right after the last voiced chunk that was not quiet
+    loud_until: int = 0  # sample position right after the last loud voiced audio
     voiced_rms: float = 0.0  # sum of the voiced chunks' RMS ...
     voiced_chunks: int = 0  # ... over this many
     stop_after: int | None = None  # push-to-talk released: samples still to take
@@ -193,6 +193,10 @@ class _Take:
     def add(self, chunk: np.ndarray) -> None:
         self.chunks.append(chunk)
         self.samples += len(chunk)
+
+
+def _rms(audio: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(audio, dtype=np.float32))))
 
 
 def _to_pcm(chunks: list[np.ndarray], limit: int | None = None) -> bytes:
@@ -257,19 +261,25 @@ class Endpointer:
         """Where a take's audio is cut: its last speech and ``tail_s`` after it."""
         return take.voiced_until + self._s(self.config.tail_s)
 
-    def _quiet_chunk(self, take: _Take, chunk: np.ndarray) -> bool:
-        """Whether a voiced ``chunk`` is ``quiet_ratio`` quieter than the take's speech so far
-        (the VAD's lag after the sound stopped); the take's level learns from it if not."""
+    def _quiet_tail(self, take: _Take, chunk: np.ndarray) -> int:
+        """How many samples at the end of a voiced ``chunk`` are ``quiet_ratio`` quieter than
+        the take's speech so far (the VAD's lag after the sound stopped): 0 (loud to its end),
+        its second half (the sound dropped inside it: the pause is seen one chunk sooner) or all
+        of it. The take's level learns from the loud part."""
         ratio = self.config.quiet_ratio
-        if ratio <= 0:
-            return False
-        rms = float(np.sqrt(np.mean(np.square(chunk, dtype=np.float32)))) if len(chunk) else 0.0
+        if ratio <= 0 or not len(chunk):
+            return 0
+        half = len(chunk) // 2
+        head, tail = _rms(chunk[:half]), _rms(chunk[half:])
         level = take.voiced_rms / take.voiced_chunks if take.voiced_chunks else 0.0
-        if take.voiced_chunks and rms < ratio * level:
-            return True
-        take.voiced_rms += rms
+        quiet = 0
+        if take.voiced_chunks and tail < ratio * level:
+            if head < ratio * level:
+                return len(chunk)
+            quiet = len(chunk) - half
+        take.voiced_rms += head if quiet else _rms(chunk)
         take.voiced_chunks += 1
-        return False
+        return quiet
 
     def _quiet(self, take: _Take) -> bool:
         """A push-to-talk take whose speech has been followed by ``ptt_quiet_s`` of silence."""
@@ -330,8 +340,9 @@ class Endpointer:
         take.speech += len(chunk)
         take.silence_run = 0
         take.voiced_until = take.samples
-        if not self._quiet_chunk(take, chunk):
-            take.loud_until = take.samples
+        quiet = self._quiet_tail(take, chunk)
+        if quiet < len(chunk):
+            take.loud_until = take.samples - quiet
             take.pause_sent = False
         take.speech_end = now
         if take.early_sent:

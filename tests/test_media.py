@@ -682,3 +682,23 @@ def test_a_sound_that_drops_is_a_pause_before_the_vad_hears_it():
     events = [(i, e) for i, (c, p) in enumerate(probs) for e in ep.feed(c, p, now=float(i))]
     assert [i for i, e in events if isinstance(e, Partial)] == [10, 21]
     assert next(e for _, e in events if isinstance(e, End)).voiced == 21 * CHUNK
+
+
+def test_a_sound_that_drops_inside_a_chunk_is_a_pause_at_that_chunk():
+    """The quiet test looks at a chunk's second half too: speech that stops in the middle of a
+    chunk starts the pause at that chunk (32 ms sooner), and the End's speech stops mid-chunk;
+    a chunk quiet only in its first half is still loud speech."""
+    cfg = EndpointConfig(threshold=0.5, silence_s=0.5, min_speech_s=0.25, early_s=0.12,
+                         pause_s=0.03, quiet_ratio=10 ** (-30 / 20), pre_roll_s=0.0, tail_s=0.1)
+    loud, faint = np.full(CHUNK, 0.1, dtype=np.float32), np.full(CHUNK, 0.001, dtype=np.float32)
+    half = CHUNK // 2
+    dropping = np.concatenate([loud[:half], faint[:half]])
+    rising = np.concatenate([faint[:half], loud[:half]])
+    ep = Endpointer(cfg)
+    probs = [(loud, 0.9)] * 10 + [(rising, 0.9)] + [(loud, 0.9)] * 9 + [(dropping, 0.9)] \
+        + [(faint, 0.9)] * 2 + [(faint, 0.1)] * 6
+    events = [(i, e) for i, (c, p) in enumerate(probs) for e in ep.feed(c, p, now=float(i))]
+    assert [type(e).__name__ for _, e in events] == ["Onset", "Partial", "End"]
+    (_, _), (i_pause, pause), (_, end) = events
+    assert pause.pause and i_pause == 20 and len(pause.pcm) // 2 == 21 * CHUNK
+    assert end.voiced == 20 * CHUNK + half
