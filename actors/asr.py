@@ -51,6 +51,7 @@ class _Pause:
 
     utterance: Utterance
     result: Recognition | None = None
+    done_at: float = 0.0  # time.perf_counter() when the recognition ended
     running: bool = True
     # the turn's utterance, arrived while the recognition ran, and when it arrived
     final: tuple[Utterance, float] | None = None
@@ -132,7 +133,8 @@ class Asr(Actor):
         if pause is not None and pause.holds(msg):
             if pause.result is not None:
                 self.jobs.start(msg.session, msg.turn,
-                                self._publish(msg, pause.result, received, reused=True))
+                                self._publish(msg, pause.result, received, reused=True,
+                                              ahead_s=received - pause.done_at))
                 return
             if pause.running and self.jobs.running(msg.session):
                 pause.final = (msg, received)  # its recognition answers for the turn when done
@@ -171,6 +173,7 @@ class Asr(Actor):
         self._waiting += 1  # likely the turn's end: plain partials do not start meanwhile
         try:
             pause.result = await self._recognise(msg)
+            pause.done_at = time.perf_counter()
         finally:
             self._waiting -= 1
             pause.running = False
@@ -200,16 +203,17 @@ class Asr(Actor):
         await self._publish(msg, result, received)
 
     async def _publish(self, msg: Utterance, result: Recognition, received: float,
-                       reused: bool = False) -> None:
+                       reused: bool = False, ahead_s: float = 0.0) -> None:
         """The turn's transcript (or ``no_speech``) from ``result``; ``reused`` when a pause
-        partial's recognition stands for the turn's utterance."""
+        partial's recognition stands for the turn's utterance, ``ahead_s`` how long before the
+        utterance came that recognition was ready (the turn's end, not Whisper, was the wait)."""
         if self.turns.current(msg.session) != msg.turn:
             return  # interrupted while the model ran: nobody waits for this any more
         total_ms = (time.perf_counter() - received) * 1000
         fields = {"session": msg.session, "turn": msg.turn, "ms": round(total_ms),
                   "audio_s": round(result.audio_s, 2), "speech_s": round(result.speech_s, 2),
                   "vad_ms": round(result.vad_ms, 1), "whisper_ms": round(result.asr_ms),
-                  "from_pause": reused}
+                  "from_pause": reused, "ready_before_ms": round(ahead_s * 1000)}
         if not result.text:
             self.log.info("asr_no_speech", reason=result.reason, **fields)
             self.publish(Control(session=msg.session, turn=msg.turn, kind=ControlKind.STATE,
