@@ -19,9 +19,11 @@ docs/performance.md); the default, 0, lets it compete as an equal.
     .venv/bin/python bench/latency.py [--turns 6] [--modes ptt,vad] [--gap 9] [--browser-nice 0]
                                       [--browser-flag=--FLAG ...] [-- SUPERVISOR ARGS]
 
-Prints p50/p95 per stage and end to end per mode, and the stalls: silences of at least 600 ms
-inside a reply (its voice waiting for the next sentence; Piper's own pauses between sentences
-are 150-250 ms). The last line is one JSON object.
+Prints p50/p95 per stage and end to end per mode, the page's jitter buffer (WebRTC getStats:
+how long the reply's audio waited in Chromium's buffer, on average, and the buffer's target: part
+of the last stage, from the first packet sent to the first sound heard), and the stalls: silences
+of at least 600 ms inside a reply (its voice waiting for the next sentence; Piper's own pauses
+between sentences are 150-250 ms). The last line is one JSON object.
 """
 
 from __future__ import annotations
