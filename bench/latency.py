@@ -81,6 +81,7 @@ PTT_DRIVER = """
 # because a packet was late): the part of the last stage that is the network's and NetEq's.
 RECEIVER_STATS = """
 (async () => {
+  if (!parley.pc) return "{}";
   const stats = await parley.pc.getStats();
   for (const s of stats.values()) {
     if (s.type !== "inbound-rtp" || s.kind !== "audio" || !s.jitterBufferEmittedCount) continue;

@@ -277,7 +277,8 @@ class Endpointer:
             if head < ratio * level:
                 return len(chunk)
             quiet = len(chunk) - half
-        take.voiced_rms += head if quiet else _rms(chunk)
+        whole = (head * head * half + tail * tail * (len(chunk) - half)) / len(chunk)
+        take.voiced_rms += head if quiet else float(np.sqrt(whole))
         take.voiced_chunks += 1
         return quiet
 
