@@ -89,8 +89,9 @@ GROUPS: dict[str, tuple[Option, ...]] = {
                "ends in this pause: the early end then finds them found or on the way (0: off)",
                type=int),
         Option("--vad-quiet-db", 30.0,
-               "a chunk this many dB below the take's speech is a pause for --vad-pause-ms "
-               "even while the VAD, which lags the sound by ~60 ms, still hears speech "
+               "a chunk (or its second half) this many dB below the take's speech is a pause "
+               "for --vad-pause-ms even while the VAD, which lags the sound by ~60 ms, still "
+               "hears speech "
                "(0: the VAD alone)", type=float),
         Option("--partial-ms", 600,
                "while the user speaks, the words so far are transcribed this often: a live "

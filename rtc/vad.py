@@ -147,8 +147,9 @@ class EndpointConfig:
     # silence after which the audio so far goes out as a pause Partial, so that the words are
     # being found while the early End waits for its silence (0: never)
     pause_s: float = 0.0
-    # a chunk this much quieter (RMS) than the take's speech so far is a pause too, though the
-    # VAD, whose probability lags the sound by ~60 ms, still calls it speech (0: the VAD only)
+    # a chunk (or its second half) this much quieter (RMS) than the take's speech so far is a
+    # pause too, though the VAD, whose probability lags the sound by ~60 ms, still calls it
+    # speech (0: the VAD only)
     quiet_ratio: float = 0.0
     min_speech_s: float = 0.25  # speech before a hands-free turn starts (or a ptt take counts)
     max_utterance_s: float = 30.0
@@ -362,10 +363,11 @@ class Endpointer:
                     early=True, voiced=take.loud_until)]
 
     def _pause(self, take: _Take) -> list[Event]:
-        """A pause Partial once a pause has lasted ``pause_s``, or the sound has dropped (a
-        quiet chunk after the last loud one): the turn may end in it. Like plain partials,
-        only within ``partial_max_s``: a longer take's pauses inside the speech would keep the
-        recogniser busy with long audio just when the turn's end needs it."""
+        """A pause Partial once a pause has lasted ``pause_s``, or the sound has dropped (quiet
+        audio after the last loud audio, see :meth:`_quiet_tail`): the turn may end in it.
+        Like plain partials, only within ``partial_max_s``: a longer take's pauses inside the
+        speech would keep the recogniser busy with long audio just when the turn's end needs
+        it."""
         cfg = self.config
         if (cfg.pause_s <= 0 or take.pause_sent or take.early_sent
                 or take.samples > self._s(cfg.partial_max_s)):
