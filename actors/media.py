@@ -256,8 +256,10 @@ class MediaActor(Actor):
             self.log.debug("close_failed", session=call.session, error=repr(exc))
         if current and call.state != "closed":
             self._state(call, "closed")
-        self.log.info("call_freed", session=call.session, underruns=call.track.underruns,
-                      forgiven=call.track.forgiven)
+        track = call.track
+        self.log.info("call_freed", session=call.session, underruns=track.underruns,
+                      stalls=track.caught_up, forgiven=track.forgiven,
+                      max_late_ms=round(track.max_late_ms, 1))
 
     @staticmethod
     def _spawn(call: Call, tg: asyncio.TaskGroup, coro: Coroutine[Any, Any, None]) -> None:

@@ -3,9 +3,13 @@
 aiortc sends an ``av.Packet`` as it is (no re-encoding) but does not pace such a track: its sender
 calls :meth:`OpusTrack.recv` again as soon as the previous packet is out. So ``recv`` waits for
 each packet's slot on an *absolute* schedule ``t0 + samples_sent / 48000``: sleeping late once
-does not shift every later packet (no cumulative drift). When the track falls more than one
-packet behind (the process was starved), it forgives the lateness instead of sending the missed
-slots back to back: the browser's jitter buffer absorbs a late packet, not a burst.
+does not shift every later packet (no cumulative drift). When the process was held up (a
+stall of tens of milliseconds on a busy machine), the missed slots go out back to back as soon
+as it runs again, so the browser sees one late packet and then the stream on time: re-anchoring
+the schedule instead would make every later packet arrive late by the stall, and Chromium's
+jitter buffer, which estimates the network's delay from packets' lateness over the last seconds,
+would raise its target (hence the delay of the next reply) by as much. Only after a stall of more
+than ``MAX_CATCH_UP_S`` (the process was stopped) is the schedule re-anchored.
 
 When nothing is queued the track sends the 3-byte Opus silence frame, so the browser's playout
 never starves. Packets of a turn older than the newest flushed one are dropped.
@@ -29,7 +33,7 @@ TIME_BASE = Fraction(1, OPUS_RATE)
 PACKET_SAMPLES = 960  # 20 ms at 48 kHz
 OPUS_DURATIONS = frozenset({120, 240, 480, 960, 1920, 2880})  # 2.5 .. 60 ms
 MAX_QUEUED = 3000  # one minute of 20 ms packets per session
-MAX_LATE_S = PACKET_SAMPLES / OPUS_RATE  # beyond one packet late: forgive, never burst
+MAX_CATCH_UP_S = 0.2  # behind by more than this: re-anchor the schedule instead of catching up
 
 
 @dataclass(slots=True)
@@ -70,9 +74,12 @@ class OpusTrack(MediaStreamTrack):
         self._playing: int | None = None  # turn whose packets are going out
         self._t0: float | None = None
         self._sent_samples = 0  # schedule position since t0
+        self._caught_up_to = 0.0  # slots due before this were part of a stall already counted
         self._pts = 0
         self.underruns = 0  # silence sent in the middle of a turn (the producer was too slow)
-        self.forgiven = 0  # times the schedule was re-anchored after falling behind
+        self.caught_up = 0  # stalls of more than one packet time made up by sending at once
+        self.forgiven = 0  # stalls too long to make up: the schedule was re-anchored
+        self.max_late_ms = 0.0  # the longest stall seen
         self.dropped = 0  # packets refused: stale turn, full queue or bad size
 
     # -- producer side (bus handler)
@@ -129,9 +136,15 @@ class OpusTrack(MediaStreamTrack):
             now = loop.time()
             if self.readyState != "live":
                 raise MediaStreamError
-        if now - due > MAX_LATE_S:
-            self._t0 += now - due
-            self.forgiven += 1
+        late = now - due
+        if late > PACKET_SAMPLES / OPUS_RATE:
+            self.max_late_ms = max(self.max_late_ms, late * 1000)
+            if late > MAX_CATCH_UP_S:
+                self._t0 += late
+                self.forgiven += 1
+            elif due > self._caught_up_to:  # count a stall once, not each slot made up
+                self.caught_up += 1
+            self._caught_up_to = now
         item = self._next()
         data, samples = (item.packet, item.samples) if item else (OPUS_SILENCE, PACKET_SAMPLES)
         packet = av.Packet(data)

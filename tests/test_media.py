@@ -44,7 +44,7 @@ from bus.schema import (
     Utterance,
 )
 from rtc.jitter import AudioJitterBuffer
-from rtc.outbound import OPUS_SILENCE, OpusTrack, Release
+from rtc.outbound import MAX_CATCH_UP_S, OPUS_SILENCE, OpusTrack, Release
 from rtc.peer import (
     create_peer,
     keep_loopback_candidates,
@@ -474,7 +474,7 @@ def test_audio_jitter_buffer_hands_each_packet_on_in_order_and_drops_late_ones()
     assert add(5) == (5).to_bytes(2, "big")
 
 
-async def test_outbound_track_flushes_drops_stale_turns_and_never_bursts():
+async def test_outbound_track_flushes_drops_stale_turns_and_makes_up_a_stall():
     releases: list[Release] = []
     turns: list[tuple[str, int]] = []
     track = OpusTrack(on_turn=lambda event, turn: turns.append((event, turn)),
@@ -489,12 +489,24 @@ async def test_outbound_track_flushes_drops_stale_turns_and_never_bursts():
     track.push(2, b"\x02" * 40)
     assert track.flush(3) and track.queued == 0  # barge-in: queued speech gone at once
     assert not track.push(2, b"\x02" * 40)  # a stale turn
-    time.sleep(0.1)  # the process is starved for five packet times
-    late, following = await track.recv(), await track.recv()
-    assert bytes(late) == bytes(following) == OPUS_SILENCE
-    assert releases[-2].at - releases[-2].due > 0.08 and track.forgiven == 1
-    # the slot after a late packet is a full packet time after it: no burst to catch up
+    time.sleep(0.1)  # the process is held up for five packet times
+    made_up = [await track.recv() for _ in range(5)]
+    assert all(bytes(p) == OPUS_SILENCE for p in made_up)
+    late = releases[-5:]
+    assert late[0].at - late[0].due > 0.08
+    # the missed slots go out at once, on the schedule's own timestamps: one late packet for
+    # the browser, not a stream shifted by the stall
+    assert late[-1].at - late[0].at < 0.01
+    assert [r.due - late[0].due for r in late] == pytest.approx([0, 0.02, 0.04, 0.06, 0.08])
+    assert track.caught_up == 1 and track.forgiven == 0 and track.max_late_ms > 80
+    await track.recv()  # back on schedule: this slot waited for its time
+    assert releases[-1].at >= releases[-1].due - 0.002
+    time.sleep(MAX_CATCH_UP_S + 0.05)  # stopped for longer: the schedule starts again from now
+    await track.recv()
+    following = await track.recv()
+    assert track.forgiven == 1 and track.caught_up == 1
     assert releases[-1].due == pytest.approx(releases[-2].at + 0.02)
+    assert bytes(following) == OPUS_SILENCE
 
 
 def test_endpointer_onset_end_pre_roll_and_max_length():
