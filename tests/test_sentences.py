@@ -77,8 +77,19 @@ def test_a_sentence_is_released_before_the_reply_ends() -> None:
     chunker = SpeechChunker()
     assert chunker.feed("Hello there.") == []  # a period alone may be "3." of "3.14"
     assert chunker.feed(" How") == ["Hello there."]
-    assert chunker.feed(" are you?") == []
-    assert chunker.flush() == ["How are you?"]
+    assert chunker.feed(" are you") == []
+    assert chunker.flush() == ["How are you"]
+
+
+def test_a_break_that_cannot_be_part_of_a_word_goes_without_waiting_for_the_next() -> None:
+    chunker = SpeechChunker()
+    assert chunker.feed("Great question!") == ["Great question!"]
+    assert chunker.feed(" Bees make honey,") == ["Bees make honey,"]
+    assert chunker.feed(" about 1,") == []  # maybe "1,000"
+    assert chunker.feed("000 a year. Really?") == ["about 1,000 a year.", "Really?"]
+    assert chunker.feed(" See example.") == []  # maybe "example.org"
+    assert chunker.feed("org") == []
+    assert chunker.flush() == ["See example.org"]
 
 
 def test_a_link_target_is_held_back_until_it_closes() -> None:
