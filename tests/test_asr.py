@@ -324,6 +324,11 @@ def test_short_window_decoding_drops_whisper_restarting_in_the_padding():
     # starting over, cut off by the end of the audio (seen in the latency benchmark)
     assert _without_repeats("What do bees make? What do bees") == "What do bees make?"
     assert _without_repeats("Hello there. Hi") == "Hello there. Hi"
+    # a group of sentences looped (seen on "Hello, can you hear me?" in a 5 s window)
+    assert _without_repeats("Hello? Can you hear me? Hello? Hello? Can you hear me? Hello? "
+                            "Hello") == "Hello? Can you hear me?"
+    assert _without_repeats("It is. Red. It is. Blue.") == "It is. Red. It is. Blue."
+    assert _without_repeats("One. Two. One. Two") == "One. Two."
 
 
 def test_a_second_segment_that_starts_the_first_over_is_dropped():

@@ -173,15 +173,29 @@ def _segments_within(tokens: list[int], tokenizer: object, audio_s: float) -> li
 
 
 def _without_repeats(text: str) -> str:
-    """``Yes. Yes. Yes.`` -> ``Yes.``: a sentence said again and again is Whisper looping; and
-    ``What do bees make? What do bees`` -> ``What do bees make?``: a last sentence that only
-    begins the one before is Whisper starting over, cut off by the end of the audio."""
+    """``Yes. Yes. Yes.`` -> ``Yes.``: a sentence said again and again is Whisper looping, as is
+    a group of sentences said twice over (``Hello? Can you hear me? Hello? Can you hear me?
+    Hello?``); and ``What do bees make? What do bees`` -> ``What do bees make?``: a last
+    sentence that only begins the one before is Whisper starting over, cut off by the end of
+    the audio."""
     sentences = re.findall(r"[^.!?]+[.!?]*\s*", text)
-    kept = [s for i, s in enumerate(sentences)
-            if i == 0 or s.strip().lower() != sentences[i - 1].strip().lower()]
+    kept = _first_round([s for i, s in enumerate(sentences)
+                         if i == 0 or _words(s) != _words(sentences[i - 1])])
     if len(kept) > 1 and _begins(kept[-2], kept[-1]):
         kept.pop()
     return "".join(kept).strip()
+
+
+def _first_round(sentences: list[str]) -> list[str]:
+    """The first round of a group of sentences that comes again whole at least once (the last
+    round may be cut off anywhere), or ``sentences`` as they are."""
+    words = [_words(s) for s in sentences]
+    last = len(words) - 1
+    for size in range(2, len(words) // 2 + 1):
+        if (all(words[i] == words[i % size] for i in range(size, last))
+                and words[last % size][:len(words[last])] == words[last]):
+            return sentences[:size]
+    return sentences
 
 
 def _words(sentence: str) -> list[str]:
