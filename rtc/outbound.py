@@ -33,6 +33,7 @@ TIME_BASE = Fraction(1, OPUS_RATE)
 PACKET_SAMPLES = 960  # 20 ms at 48 kHz
 OPUS_DURATIONS = frozenset({120, 240, 480, 960, 1920, 2880})  # 2.5 .. 60 ms
 MAX_QUEUED = 3000  # one minute of 20 ms packets per session
+STALL_S = PACKET_SAMPLES / OPUS_RATE  # a slot released later than this: the process stalled
 MAX_CATCH_UP_S = 0.2  # behind by more than this: re-anchor the schedule instead of catching up
 
 
@@ -137,7 +138,7 @@ class OpusTrack(MediaStreamTrack):
             if self.readyState != "live":
                 raise MediaStreamError
         late = now - due
-        if late > PACKET_SAMPLES / OPUS_RATE:
+        if late > STALL_S:
             self.max_late_ms = max(self.max_late_ms, late * 1000)
             if late > MAX_CATCH_UP_S:
                 self._t0 += late

@@ -332,8 +332,10 @@ class SentenceSplitter:
 
     def _clause_end(self, buf: str, start: int, i: int) -> bool:
         """A clause break inside a long early sentence, with enough words before it."""
-        if i + 1 >= len(buf):  # nothing after it yet: a comma or semicolon after a word is a
-            if buf[i] not in ",;" or not buf[i - 1:i].isalpha():  # break ("1,000" is not)
+        if i + 1 >= len(buf):
+            # nothing after it yet: a comma or semicolon right after a word is a break
+            # whatever comes next ("1,000" is not)
+            if buf[i] not in ",;" or not buf[i - 1:i].isalpha():
                 return False
         elif not buf[i + 1].isspace():
             return False  # "1,000", "10:30"
