@@ -184,13 +184,16 @@ class Asr(Actor):
             self._publish_partial(msg, pause.result)
 
     def _publish_partial(self, msg: Utterance, result: Recognition) -> None:
-        """The words so far of a turn still being spoken."""
-        words = result.text.rstrip(".?!…")  # cut mid-sentence: Whisper's full stop is not one
+        """The words so far of a turn still being spoken; a pause's as they are, since the
+        turn may end there (the LLM then computes its whole request before it does)."""
+        # cut mid-sentence, Whisper's full stop is not one
+        words = result.text if msg.pause else result.text.rstrip(".?!…")
         if self.turns.current(msg.session) != msg.turn or not words:
             return
         self.publish(Transcript(session=msg.session, turn=msg.turn, text=words,
                                 language=result.language or self.spec.language,
-                                asr_ms=result.asr_ms, audio_s=result.audio_s, partial=True))
+                                asr_ms=result.asr_ms, audio_s=result.audio_s, partial=True,
+                                pause=msg.pause))
         self.log.debug("asr_partial", session=msg.session, turn=msg.turn, pause=msg.pause,
                        audio_s=round(result.audio_s, 2), whisper_ms=round(result.asr_ms))
 

@@ -183,15 +183,21 @@ class LLMActor(Actor):
 
     def _read_ahead(self, msg: Transcript) -> None:
         """The words so far of a turn still being spoken: a local model computes them now, so
-        that the turn's end leaves it only the rest of the prompt."""
+        that the turn's end leaves it only the rest of the prompt. The words at a pause are
+        likely the whole turn: then the whole request is computed, as the reply will send it."""
         state = self._sessions.get(msg.session)
-        if (self.backend is None or not msg.text.strip() or self.jobs.running(msg.session)
+        words = msg.text.strip()
+        if (self.backend is None or not words or self.jobs.running(msg.session)
                 or (state is not None and msg.turn <= state.turn)):
             return  # no model, nothing said, or a reply still running (it has the worker)
         state = self._state(msg.session)
         state.commit()  # the previous reply is over (its turn was interrupted or it ended)
-        self.backend.prepare(msg.session, state.history.prefix(self._system_prompt(self.backend)),
-                             words=msg.text.strip())
+        system = self._system_prompt(self.backend)
+        if msg.pause:
+            self.backend.prepare(msg.session, state.history.messages(system, words),
+                                 complete=True)
+        else:
+            self.backend.prepare(msg.session, state.history.prefix(system), words=words)
 
     def _start_reply(self, msg: Transcript) -> None:
         state = self._state(msg.session)

@@ -143,6 +143,8 @@ class Transcript(Message):
     asr_ms: float = 0.0
     audio_s: float = 0.0
     partial: bool = False  # the words so far of a turn still being spoken (a live caption)
+    # (partial) the words at a pause, whole: if the turn ends in this pause, its transcript
+    pause: bool = False
 
 
 @dataclass(kw_only=True, slots=True)

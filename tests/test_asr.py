@@ -402,10 +402,11 @@ async def test_a_pause_partial_recognition_stands_for_the_turn_that_ends_in_that
         # the turn ends after it: its words went out as a partial first, then as the turn's
         bus.publish(pause("z2"))
         early = await harness.recv_until(bus, lambda m: isinstance(m, Transcript), TIMEOUT)
-        assert early.session == "z2" and early.partial
+        assert early.session == "z2" and early.partial and early.pause
         bus.publish(turn("z2", len(question)))
         got = await harness.recv_until(bus, lambda m: isinstance(m, Transcript), TIMEOUT)
         assert got.session == "z2" and not got.partial and "joke" not in normalise(got.text)
+        assert early.text == got.text  # whole, its punctuation too: the LLM's request to be
         # speech past the pause's audio: the utterance is transcribed afresh, all of it
         bus.publish(pause("z3"))
         bus.publish(turn("z3", len(question) + len(more)))

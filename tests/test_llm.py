@@ -158,6 +158,7 @@ async def test_reply_streams_in_order_with_image_and_history(broker, actors):
             # it, so neither it nor its reply stays in the history. (The words so far, sent
             # while the user speaks, start no reply: the requests below would be shifted.)
             bus.publish(Transcript(session="s3", turn=1, text="What", partial=True))
+            bus.publish(Transcript(session="s3", turn=1, text="What is", partial=True, pause=True))
             bus.publish(Transcript(session="s3", turn=1, text="What is the"))
             await reply(bus, "s3", 1)
             bus.publish(Control(session="s3", turn=2, kind=ControlKind.INTERRUPT, text="void"))

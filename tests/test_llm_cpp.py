@@ -27,6 +27,7 @@ from engines.llm.llama_cpp import (
     loadable_gguf,
 )
 from engines.llm.local_backend import REPETITION_PENALTY, LocalBackend
+from engines.llm.prefix_cache import common_prefix
 from tests import harness
 
 SYSTEM = default_prompt(False)
@@ -251,3 +252,29 @@ async def test_words_said_so_far_are_computed_before_the_turn_ends(
     assert await reply(backend, final, session="words2") == answer
     backend.forget("words")
     backend.forget("words2")
+
+
+async def test_the_words_at_a_pause_are_computed_as_the_whole_request(
+        backend: LocalBackend) -> None:
+    """The words at a pause are likely the turn: their whole prompt, the template's end of the
+    message and the assistant's opening included, is computed before the turn ends; the turn
+    then only picks its first token. Words that differ at the end are computed as they are."""
+    await backend.warm(SYSTEM)
+    final = chat(FIRST)
+    backend.prepare("pause", final, complete=True)
+    await backend.idle()
+    answer = await reply(backend, final, session="pause")
+    assert backend.last_prefilled == 0  # its first token came from the logits kept
+    decoder = backend.fast
+    cold_ids = list(decoder.greedy(ids_of(backend, final), decoder.new_cache(), 24,
+                                   backend._eos, REPETITION_PENALTY))
+    assert answer == backend.tokenizer.decode(cold_ids, skip_special_tokens=True)
+    # The user went on past the pause: what still matches is reused, the answer unchanged.
+    backend.prepare("pause2", chat("What is the capital"), complete=True)
+    await backend.idle()
+    assert await reply(backend, final, session="pause2") == answer
+    final_ids = ids_of(backend, final)
+    kept = common_prefix(ids_of(backend, chat("What is the capital")), final_ids)
+    assert backend.last_prefilled == len(final_ids) - kept > 1
+    backend.forget("pause")
+    backend.forget("pause2")

@@ -174,6 +174,15 @@ async def test_the_next_prompt_is_prefilled_while_the_reply_is_spoken(
     await reply(backend, history.messages(SYSTEM, third), session="ahead")
     assert backend.last_prefilled == opening(third)
 
+    # The words at a pause: the whole request is computed, its first token known ahead.
+    fourth = history.messages(SYSTEM, "And the smallest?")
+    backend.prepare("ahead", fourth, complete=True)
+    await backend.idle()
+    answer = await reply(backend, fourth, session="ahead")
+    assert backend.last_prefilled == 0
+    assert answer == tok.decode(reference(plain, prompt_ids(backend, fourth)),
+                                skip_special_tokens=True)
+
 
 @pytest.mark.slow
 async def test_a_reply_stopped_in_its_prefill_leaves_the_backend_sound(

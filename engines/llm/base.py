@@ -121,10 +121,12 @@ class LLMBackend(Protocol):
         """
         ...
 
-    def prepare(self, session: str, messages: list[ChatMessage], words: str = "") -> None:
+    def prepare(self, session: str, messages: list[ChatMessage], words: str = "",
+                complete: bool = False) -> None:
         """The next request of ``session`` will start with ``messages`` (then a user message
-        that begins with ``words``, when given: what the user has said so far): a backend may
-        compute what it can now (the local model, its key/value cache). Never blocks."""
+        that begins with ``words``, when given: what the user has said so far), or, when
+        ``complete``, likely be ``messages`` exactly: a backend may compute what it can now
+        (the local model, its key/value cache). Never blocks."""
         ...
 
     def forget(self, session: str) -> None:

@@ -64,21 +64,23 @@ class Decoder(Protocol[Logits]):
 
 def greedy(decoder: Decoder[Logits], prompt: list[int], cache: PromptCache,
            max_new_tokens: int, eos: set[int], repetition_penalty: float = 1.0,
-           stop: StopFlag | None = None) -> Iterator[int]:
+           stop: StopFlag | None = None, last: Logits | None = None) -> Iterator[int]:
     """Yield new tokens greedily after ``prompt``, which extends ``cache.ids``.
 
-    ``cache`` must hold a prefix of ``prompt`` (possibly empty); the rest is computed. The
-    repetition penalty covers the prompt and the reply so far, as in transformers' ``generate``.
-    Raises :class:`Stopped` when ``stop`` is set.
+    ``cache`` must hold a prefix of ``prompt`` (possibly empty); the rest is computed. When it
+    holds all of it, ``last`` (the logits after it, if the caller kept them) gives the first
+    token at once, else the last position is computed again. The repetition penalty covers
+    the prompt and the reply so far, as in transformers' ``generate``. Raises
+    :class:`Stopped` when ``stop`` is set.
     """
     past = len(cache.ids)
     assert cache.ids == prompt[:past], "the cache is not a prefix of the prompt"
     todo = prompt[past:]
-    if not todo:  # the whole prompt is cached: recompute the last position's logits
+    if not todo and last is None:  # the whole prompt is cached: its last position again
         cache.truncate(past - 1)
         todo = prompt[past - 1:]
     seen = set(prompt)
-    logits = decoder.forward(todo, cache, stop)
+    logits = decoder.forward(todo, cache, stop) if todo else last
     for produced in range(max_new_tokens):
         token = decoder.pick(logits, seen, repetition_penalty)
         yield token

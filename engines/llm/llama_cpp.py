@@ -331,10 +331,10 @@ class LlamaCpp:
 
     def greedy(self, prompt: list[int], cache: SeqCache, max_new_tokens: int,
                eos: set[int], repetition_penalty: float = 1.0,
-               stop: StopFlag | None = None) -> Iterator[int]:
+               stop: StopFlag | None = None, last: np.ndarray | None = None) -> Iterator[int]:
         """New tokens after ``prompt`` (see :func:`engines.llm.decoding.greedy`)."""
         return decoding.greedy(self, prompt, cache, max_new_tokens, eos, repetition_penalty,
-                               stop)
+                               stop, last)
 
     def close(self) -> None:
         """Free the context and the model (on the thread that runs the forward passes)."""

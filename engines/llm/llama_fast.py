@@ -373,11 +373,11 @@ class FastLlama:
     @torch.inference_mode()
     def greedy(self, prompt: list[int], cache: KVCache, max_new_tokens: int,
                eos: set[int], repetition_penalty: float = 1.0,
-               stop: StopFlag | None = None) -> Iterator[int]:
+               stop: StopFlag | None = None, last: torch.Tensor | None = None) -> Iterator[int]:
         """New tokens after ``prompt`` (see :func:`engines.llm.decoding.greedy`); a stop is
         seen before every layer of a forward pass."""
         yield from decoding.greedy(self, prompt, cache, max_new_tokens, eos,
-                                   repetition_penalty, stop)
+                                   repetition_penalty, stop, last)
 
 
 def eos_ids(model: Any) -> set[int]:

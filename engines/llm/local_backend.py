@@ -102,6 +102,8 @@ class LocalBackend:
         self._fast: Any = None  # the decoder: llama_cpp.LlamaCpp or llama_fast.FastLlama
         self._eos: set[int] = set()
         self._caches = PrefixCaches(spec.cache_sessions)
+        # per session, a whole prompt computed ahead (the words at a pause) and its last logits
+        self._ready: dict[str, tuple[list[int], Any]] = {}
         self._stop: threading.Event | None = None  # of the generation running now
         self._epoch = 0  # counts generations: a look-ahead stops when a newer one comes
         self._system_prefix: tuple[str, list[int]] = ("", [])  # a system prompt's, tokenized
@@ -247,18 +249,22 @@ class LocalBackend:
             pass
         self._log.info("llm_warm", ms=round((time.perf_counter() - started) * 1000))
 
-    def prepare(self, session: str, messages: list[ChatMessage], words: str = "") -> None:
+    def prepare(self, session: str, messages: list[ChatMessage], words: str = "",
+                complete: bool = False) -> None:
         """Prefill the next prompt's opening on the worker, in the time the user takes to hear
-        the reply and answer, or (``words``) the user's words so far while they speak; the next
-        generation stops it at once."""
-        if self._fast is None or (session not in self._caches and not words):
+        the reply and answer, or (``words``) the user's words so far while they speak, or
+        (``complete``) the whole prompt of the words at a pause; the next generation stops it
+        at once."""
+        if self._fast is None or (session not in self._caches and not words and not complete):
             return
         superseded = _Superseded(self, self._epoch)
         with contextlib.suppress(RuntimeError):  # the backend was closed meanwhile
-            self._executor.submit(self._prefill_ahead, session, list(messages), superseded, words)
+            self._executor.submit(self._prefill_ahead, session, list(messages), superseded, words,
+                                  complete)
 
     def forget(self, session: str) -> None:
         self._caches.forget(session)
+        self._ready.pop(session, None)
 
     async def idle(self) -> None:
         """Wait until the worker has nothing left to do (a look-ahead prefill included)."""
@@ -267,6 +273,7 @@ class LocalBackend:
     async def aclose(self) -> None:
         self._epoch += 1  # a look-ahead still waiting gives up
         self._caches.clear()
+        self._ready.clear()
         close = getattr(self._fast, "close", None)
         if close is not None:  # llama.cpp's memory, freed on the thread that uses it
             with contextlib.suppress(RuntimeError):
@@ -366,6 +373,7 @@ class LocalBackend:
         prefix is dropped and the prompt computed afresh, once."""
         started = time.perf_counter()
         prompt = self._ids(messages)
+        ready = self._ready.pop(session, None) if session is not None else None
         streamer = _DeltaStreamer(self._tokenizer, emit)
         stopped = False
         cache: Any = None
@@ -373,9 +381,12 @@ class LocalBackend:
             try:
                 cache = self._caches.checkout(session, prompt, self._fast.new_cache)
                 reused = len(cache.ids)
-                self.last_prefilled = len(prompt) - reused if reused < len(prompt) else 1
+                # the prompt computed ahead, to its end: its first token is known already
+                last = ready[1] if ready and ready[0] == prompt == cache.ids else None
+                self.last_prefilled = (len(prompt) - reused if reused < len(prompt)
+                                       else 0 if last is not None else 1)
                 for token in self._fast.greedy(prompt, cache, max_new_tokens, self._eos,
-                                               REPETITION_PENALTY, stop):
+                                               REPETITION_PENALTY, stop, last):
                     streamer.add(token)
                 streamer.end()
             except Stopped:
@@ -385,7 +396,7 @@ class LocalBackend:
                     raise
                 self._log.warning("llm_cache_full", session=session, prompt=len(prompt),
                                   sessions=len(self._caches), note="dropping kept prompts")
-                cache = None
+                cache, ready = None, None
                 self._caches.clear()
                 continue
             break
@@ -408,10 +419,13 @@ class LocalBackend:
             self._caches.share(prefix[:common_prefix(prefix, cache.ids)], cache)
 
     def _prefill_ahead(self, session: str, chat: list[ChatMessage], halt: _Superseded,
-                       words: str = "") -> None:
+                       words: str = "", complete: bool = False) -> None:
         """Compute now what the next prompt of ``session`` will start with: ``chat`` and the
-        opening of the next user message (up to ``words``, the user's words so far)."""
-        if not words:
+        opening of the next user message (up to ``words``, the user's words so far), or, when
+        ``complete``, the prompt of ``chat`` itself (the words at a pause: the turn may end
+        there). On one thread, a few tokens at a time: if the user goes on, the recogniser
+        needs the other core, and if the turn ends, its reply takes over what is left."""
+        if not words and not complete:
             # First let the reply's first sentence be synthesised: the CPU is the voice's now.
             deadline = time.monotonic() + LOOKAHEAD_DELAY_S
             while time.monotonic() < deadline:
@@ -420,22 +434,24 @@ class LocalBackend:
                 time.sleep(0.02)
         if halt.is_set():
             return
-        ids = self._user_prefix(chat, words)
+        ids = self._ids(chat) if complete else self._user_prefix(chat, words)
         todo: list[int] = []
         stopped = False
         try:
-            if words:  # a new session's cache starts from the shared system prompt
+            if words or complete:  # a new session's cache starts from the shared system prompt
                 cache = self._caches.checkout(session, ids, self._fast.new_cache)
             elif (cache := self._caches.get(session)) is None:
                 return
             cache.truncate(common_prefix(cache.ids, ids))
             todo = ids[len(cache.ids):]
             if todo:
-                self._fast.forward(todo, cache, halt, background=True)
+                logits = self._fast.forward(todo, cache, halt, background=True)
+                if complete:
+                    self._ready[session] = (ids, logits)
         except (Stopped, CacheFull):
             stopped = True  # the next turn is here already (or no room): it computes it
         self._log.debug("llm_prefilled_ahead", session=session, tokens=len(todo),
-                        words=bool(words), stopped=stopped)
+                        words=bool(words), complete=complete, stopped=stopped)
 
     def _user_prefix(self, chat: list[ChatMessage], words: str = "") -> list[int]:
         """The tokens that every prompt of ``chat`` followed by a user message starting with

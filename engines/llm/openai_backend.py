@@ -46,7 +46,8 @@ class OpenAIBackend:
     async def warm(self, system: str = "") -> None:
         """Nothing to warm: a request now would cost money and prove little."""
 
-    def prepare(self, session: str, messages: list[ChatMessage], words: str = "") -> None:
+    def prepare(self, session: str, messages: list[ChatMessage], words: str = "",
+                complete: bool = False) -> None:
         """Nothing to prepare: the endpoint sees the chat with the request."""
 
     def forget(self, session: str) -> None:
