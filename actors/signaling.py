@@ -161,6 +161,8 @@ def event_for(msg: Message) -> dict[str, Any] | None:
     if isinstance(msg, Token):
         return {"type": "token", **base, "text": msg.text, "index": msg.index}
     if isinstance(msg, Sentence):
+        if msg.draft:
+            return None  # the voice's guess: the page shows the sentence once it is sure
         return {"type": "sentence", **base, "text": msg.text, "index": msg.index,
                 "final": msg.final}
     if isinstance(msg, Metric):

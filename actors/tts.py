@@ -3,8 +3,11 @@
 Each turn of a session is one job (:class:`TurnSpeech`). Its sentences are synthesised by the
 backend (up to ``backend.concurrency`` at once) and published strictly in sentence order, every
 packet as soon as it exists; ``OpusPacket.index`` counts through the whole turn and the turn's
-last packet carries ``final``. A newer turn, an interrupt or the end of the session cancels the
-job: the runtime cancels it before it can publish anything more.
+last packet carries ``final``. A *draft* (the LLM's first sentence before the token that
+confirms its end) is synthesised at once but held: the sentence of its index, with the same
+text, makes its audio that sentence's; any other text, or an empty draft, drops it. A newer
+turn, an interrupt or the end of the session cancels the job: the runtime cancels it before it
+can publish anything more.
 
 ``python -m actors.tts --tts-backend piper|openai``
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Final
 
 from actors.runtime import Actor, StartupError, main
@@ -41,6 +45,15 @@ SILENCE: Final = Packet(OPUS_SILENCE, 960)
 _END: Final = object()
 
 
+@dataclass(slots=True)
+class _Draft:
+    """A draft sentence and its synthesis (``task`` None until it starts)."""
+
+    sentence: Sentence
+    queue: asyncio.Queue[object]
+    task: asyncio.Task[None] | None = None
+
+
 class TurnSpeech:
     """One turn of one session: sentences in (any order), packets out in sentence order."""
 
@@ -59,6 +72,7 @@ class TurnSpeech:
         self._next_launch = 0  # sentence indexes start at 0 in every turn
         self._next_play = 0
         self._final_index: int | None = None
+        self._draft: _Draft | None = None
         self._in_flight = 0
         self._packets = 0
         self._samples = 0
@@ -69,6 +83,9 @@ class TurnSpeech:
     # -- input (from Actor.handle, on the loop)
 
     def add(self, sentence: Sentence) -> None:
+        if sentence.draft:
+            self._set_draft(sentence)
+            return
         index = sentence.index
         if self.finished or (self._final_index is not None and index > self._final_index):
             self._log.warning("sentence_after_final", index=index)
@@ -76,6 +93,19 @@ class TurnSpeech:
         if index < self._next_launch or index in self._waiting:
             self._log.warning("sentence_duplicate", index=index)
             return
+        if self._draft is not None and self._draft.sentence.index == index:
+            draft, self._draft = self._draft, None
+            if (draft.task is not None and draft.sentence.text == sentence.text
+                    and index == self._next_launch):  # the draft's audio is this sentence's
+                self._outputs[index] = (sentence, draft.queue)
+                self._next_launch += 1
+                if sentence.final:
+                    self._final_index = index
+                self._log.debug("draft_kept", index=index)
+                self._launch()
+                self._wake.set()
+                return
+            self._drop(draft)
         self._waiting[index] = sentence
         if sentence.final:
             self._final_index = index
@@ -96,10 +126,35 @@ class TurnSpeech:
             self._tg = None
             self.finished = True
 
+    def _set_draft(self, sentence: Sentence) -> None:
+        """A new draft replaces the one before (an empty one only withdraws it); it is spoken
+        only as the next sentence to start."""
+        if self._draft is not None:
+            self._drop(self._draft)
+            self._draft = None
+        if (sentence.text and not self.finished and sentence.index == self._next_launch
+                and sentence.index not in self._waiting):
+            self._draft = _Draft(sentence, asyncio.Queue(maxsize=SENTENCE_BUFFER))
+            self._launch()
+
+    def _drop(self, draft: _Draft) -> None:
+        """Stop a draft's synthesis; once it has stopped its slot goes to the next sentence."""
+        self._log.debug("draft_dropped", index=draft.sentence.index)
+        if draft.task is not None:
+            draft.task.cancel()
+            draft.task.add_done_callback(lambda _: self._launch())
+
     def _launch(self) -> None:
-        """Start producers for the next sentences in index order, within the concurrency."""
-        if self._tg is None:
+        """Start producers for the next sentences in index order, within the concurrency (a
+        draft's first, as it is the next sentence's)."""
+        if self._tg is None or self._actor.turns.current(self.session) != self.turn:
             return
+        draft = self._draft
+        if (draft is not None and draft.task is None
+                and self._in_flight < self._backend.concurrency):
+            self._in_flight += 1
+            draft.task = self._tg.create_task(self._produce(draft.sentence, draft.queue))
+            self._tasks.append(draft.task)
         while (self._next_launch in self._waiting
                and self._in_flight < self._backend.concurrency):
             sentence = self._waiting.pop(self._next_launch)

@@ -166,6 +166,10 @@ class Sentence(Message):
     text: str
     index: int = 0
     final: bool = False
+    # a guess sent ahead (a sentence whose end only the next token confirms): synthesised at
+    # once, spoken only when the sentence of its index comes with the same text; an empty
+    # draft withdraws the guess
+    draft: bool = False
 
 
 @dataclass(kw_only=True, slots=True)

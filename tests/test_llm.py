@@ -71,7 +71,7 @@ def tokens(msgs: list[Message]) -> list[Token]:
 
 
 def sentences(msgs: list[Message]) -> list[Sentence]:
-    return [m for m in msgs if isinstance(m, Sentence)]
+    return [m for m in msgs if isinstance(m, Sentence) and not m.draft]
 
 
 def errors(msgs: list[Message]) -> list[Control]:
@@ -174,6 +174,36 @@ async def test_reply_streams_in_order_with_image_and_history(broker, actors):
                 {"role": "user", "content": "What is the capital of France?"},
                 {"role": "assistant", "content": "".join(chunks)},
                 {"role": "user", "content": "Thanks."}]
+
+
+async def test_the_first_sentence_goes_to_the_voice_as_a_draft_one_token_sooner(
+        broker, actors):
+    """A period may end the sentence or not ("blue." + " It", "example." + "org"): the first
+    sentence goes out as a draft at once, the next token then confirms it (the sentence
+    itself) or withdraws it (an empty draft). Later sentences are not drafted."""
+    async with OpenAIChatStub() as stub:
+        stub.script(Plan(chunks=["The", " sky", " is", " blue", ".", " It", " is", " nice", "."]),
+                    Plan(chunks=["Visit", " example", ".", "org", " now", "."]))
+        await start_llm(actors, stub)
+        async with harness.client(broker, OUT_TOPICS) as bus:
+            bus.publish(Transcript(session="d", turn=1, text="What colour is the sky?"))
+            msgs = [m for m in await reply(bus, "d", 1) if isinstance(m, Token | Sentence)]
+            said = [(type(m).__name__, m.text, getattr(m, "draft", False)) for m in msgs]
+            assert said == [
+                ("Token", "The", False), ("Token", " sky", False), ("Token", " is", False),
+                ("Token", " blue", False), ("Token", ".", False),
+                ("Sentence", "The sky is blue.", True),
+                ("Token", " It", False), ("Sentence", "The sky is blue.", False),
+                ("Token", " is", False), ("Token", " nice", False), ("Token", ".", False),
+                ("Sentence", "It is nice.", False)], said
+            assert all(m.index == 0 for m in msgs if isinstance(m, Sentence) and m.draft)
+
+            bus.publish(Transcript(session="d", turn=2, text="Where can I read more?"))
+            got = [m for m in await reply(bus, "d", 2) if isinstance(m, Sentence)]
+            assert [(m.text, m.draft, m.final) for m in got] == [
+                ("Visit example.", True, False), ("", True, False),
+                ("Visit example.org now.", True, False),
+                ("Visit example.org now.", False, True)], got
 
 
 async def test_endpoint_errors_become_error_events_and_a_spoken_apology(broker, actors):
@@ -350,7 +380,7 @@ async def test_local_model_holds_the_rest_of_the_reply_until_its_first_sound(bro
     async with harness.client(broker, OUT_TOPICS) as bus:
         bus.publish(Transcript(session="y", turn=1, text="Tell me a fun fact about cats."))
         first = await harness.recv_until(
-            bus, lambda m: isinstance(m, Sentence) and m.session == "y", 60)
+            bus, lambda m: isinstance(m, Sentence) and m.session == "y" and not m.draft, 60)
         assert not first.final
         held: list[Message] = []
         with contextlib.suppress(TimeoutError):

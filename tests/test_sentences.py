@@ -92,6 +92,32 @@ def test_a_break_that_cannot_be_part_of_a_word_goes_without_waiting_for_the_next
     assert chunker.flush() == ["See example.org"]
 
 
+@pytest.mark.parametrize(("tokens", "drafts", "released"), [
+    # (the draft after each token: the sentence held back if its terminator ends it)
+    (["The sky", " is blue", ".", " It"], [None, None, "The sky is blue.", None],
+     ["The sky is blue."]),
+    (["Visit example", ".", "org", " now."], [None, "Visit example.", None,
+                                             "Visit example.org now."], []),
+    (["Pi is 3", ".", "14", "."], [None, "Pi is 3.", None, "Pi is 3.14."], []),
+    (["I met Mr", ".", " Smith", "."], [None, None, None, "I met Mr. Smith."], []),
+    (["He said \"hi", ".\""], [None, 'He said "hi."'], []),
+    (["Yes", "."], [None, "Yes."], []),
+])
+def test_a_draft_is_the_sentence_a_space_would_end(tokens: list[str], drafts: list[str | None],
+                                                     released: list[str]) -> None:
+    chunker = SpeechChunker()
+    out: list[str] = []
+    seen: list[str | None] = []
+    for token in tokens:
+        out += chunker.feed(token)
+        seen.append(chunker.draft())
+    assert seen == drafts
+    assert out == released
+    # what the draft guessed is what the end of the reply releases
+    if drafts[-1] is not None:
+        assert chunker.flush() == [drafts[-1]]
+
+
 def test_a_link_target_is_held_back_until_it_closes() -> None:
     chunker = SpeechChunker()
     assert chunker.feed("See [the guide](https://a.b/c. d") == []

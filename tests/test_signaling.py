@@ -130,6 +130,12 @@ async def test_offer_and_controls_reach_the_bus_and_events_only_their_page(broke
         assert got["sentence"]["final"] is True and got["state"]["state"] == "assistant_speaking"
         assert got["error"]["text"] == "tts failed" and got["error"]["source"] == "tts"
 
+        # A draft (the voice's guess at a sentence) is not forwarded: the page shows sentences
+        # once they are sure. A token after it, on the same lane, marks where it would be.
+        bus.publish(Sentence(session=s1, turn=3, text="Hi.", index=1, draft=True))
+        bus.publish(Token(session=s1, turn=3, text=" there", index=1))
+        assert (await next_event(ws1))["type"] == "token"
+
         # A stale turn's tokens are not forwarded once the turn moved on.
         bus.publish(Token(session=s1, turn=2, text="old", index=5))
 

@@ -320,6 +320,50 @@ async def test_bad_input_and_odd_order_never_break_the_actor(broker, actors):
     assert "oversized" in log and "sentence_missing" in log
 
 
+@pytest.mark.slow
+async def test_a_draft_is_spoken_only_as_the_sentence_that_confirms_it(broker, actors):
+    """The LLM's first sentence comes as a draft one token before it is sure of it: its audio
+    is made at once, held, and spoken only if the sentence of its index has its very text."""
+    tts = await actors.start("tts", "--log-level", "debug")
+    first = "The weather is nice today."
+    long = "Visit example dot org now, and read the whole page about the weather there."
+
+    def draft(session: str, text: str) -> None:
+        bus.publish(Sentence(session=session, turn=1, text=text, index=0, draft=True))
+
+    async with harness.client(broker, [OPUS_PACKET]) as bus:
+        # Confirmed: synthesised before the confirmation, not one packet out before it.
+        draft("d1", first)
+        await wait_for_log(tts, r"sentence_synthesised.*session=d1")
+        assert await harness.collect(bus, is_packet("d1"), 0.5) == []
+        say(bus, "d1", 1, first, "Bye.")
+        kept = await turn_packets(bus, "d1", 1)
+        check_turn(kept)
+        assert {p.sentence for p in kept} == {0, 1}
+        assert re.search(r"draft_kept.*session=d1", tts.output())
+        short_s = sum(p.samples for p in kept if p.sentence == 0) / RATE
+
+        # Withdrawn ("example." went on as "example.org"), or replaced by other words: the
+        # draft's audio is never heard, the sentence's is, once.
+        draft("d2", "Visit example.")
+        draft("d2", "")
+        draft("d3", first)
+        for session in ("d2", "d3"):
+            say(bus, session, 1, long)
+            packets = await turn_packets(bus, session, 1)
+            check_turn(packets)
+            assert sum(p.samples for p in packets) / RATE > 1.5 * short_s
+            assert re.search(rf"draft_dropped.*session={session}", tts.output())
+
+        # A draft whose turn is interrupted is never spoken.
+        draft("d4", first)
+        bus.publish(Control(session="d4", turn=2, kind=ControlKind.INTERRUPT))
+        say(bus, "d4", 1, first)  # stale now: dropped on receipt
+        assert await harness.collect(bus, is_packet("d4"), 1.5) == []
+    assert tts.popen.poll() is None
+    assert "Traceback" not in tts.output()
+
+
 # ----------------------------------------------------------------------------- openai actor
 
 

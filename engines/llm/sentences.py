@@ -230,6 +230,21 @@ class SentenceSplitter:
         self._buf += text
         return self._drain(final=False)
 
+    def draft(self) -> str | None:
+        """The sentence held back if the terminator it ends with does end it, which only the
+        next character can tell ("Paris." then " It" or "example." then "org"): text-to-speech
+        may start on it while the model computes that character. None when nothing is held
+        back so, or when a space after it would still not end it ("Mr.", "e.g.")."""
+        buf = self._buf
+        if buf.rstrip(_CLOSERS)[-1:] not in tuple(_TERMINATORS):
+            return None
+        self._buf = buf + " "
+        try:
+            cut = self._find_cut(final=False)
+        finally:
+            self._buf = buf
+        return (speakable(buf) or None) if cut == len(buf) else None
+
     def flush(self) -> list[str]:
         out = self._drain(final=True)
         tail, self._buf = speakable(self._buf), ""
@@ -378,6 +393,10 @@ class SpeechChunker:
 
     def feed(self, delta: str) -> list[str]:
         return self._splitter.feed(self._markdown.feed(delta))
+
+    def draft(self) -> str | None:
+        """See :meth:`SentenceSplitter.draft`."""
+        return self._splitter.draft()
 
     def flush(self) -> list[str]:
         out = self._splitter.feed(self._markdown.flush())
