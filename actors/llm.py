@@ -241,7 +241,7 @@ class LLMActor(Actor):
         pause = state.pause
         counts = {"token": 0, "sentence": 0}
         first: dict[str, float] = {}  # when the first token came; the first sentence's figures
-        drafted = [""]  # the first sentence's draft out now
+        drafted = ""  # the first sentence's draft out now
 
         def live() -> bool:
             return self.turns.current(session) == turn and self._sessions.get(session) is state
@@ -269,12 +269,14 @@ class LLMActor(Actor):
             """The first sentence, as far as the next token alone can tell it, to the voice
             now (withdrawn when that token continues it): its synthesis starts one token
             sooner. Only the first: the voice waits for no later sentence."""
-            text = (chunker.draft() or "") if counts["sentence"] == 0 else ""
-            if text != drafted[0] and live():
-                drafted[0] = text
-                if counts["sentence"] == 0:
-                    self.publish(Sentence(session=session, turn=turn, text=text, index=0,
-                                          draft=True))
+            nonlocal drafted
+            if counts["sentence"]:
+                return
+            text = chunker.draft() or ""
+            if text != drafted and live():
+                drafted = text
+                self.publish(Sentence(session=session, turn=turn, text=text, index=0,
+                                      draft=True))
 
         log.info("llm_turn", chars=len(msg.text), history=len(state.history),
                  image=image is not None)
