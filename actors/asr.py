@@ -186,7 +186,7 @@ class Asr(Actor):
     def _publish_partial(self, msg: Utterance, result: Recognition) -> None:
         """The words so far of a turn still being spoken; a pause's as they are, since the
         turn may end there (the LLM then computes its whole request before it does)."""
-        # cut mid-sentence, Whisper's full stop is not one
+        # a plain partial is cut mid-sentence: Whisper's full stop there is not one
         words = result.text if msg.pause else result.text.rstrip(".?!…")
         if self.turns.current(msg.session) != msg.turn or not words:
             return

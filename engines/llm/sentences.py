@@ -236,13 +236,9 @@ class SentenceSplitter:
         may start on it while the model computes that character. None when nothing is held
         back so, or when a space after it would still not end it ("Mr.", "e.g.")."""
         buf = self._buf
-        if buf.rstrip(_CLOSERS)[-1:] not in tuple(_TERMINATORS):
+        if not buf.rstrip(_CLOSERS).endswith(tuple(_TERMINATORS)):
             return None
-        self._buf = buf + " "
-        try:
-            cut = self._find_cut(final=False)
-        finally:
-            self._buf = buf
+        cut = self._find_cut(buf + " ", final=False)
         return (speakable(buf) or None) if cut == len(buf) else None
 
     def flush(self) -> list[str]:
@@ -255,7 +251,7 @@ class SentenceSplitter:
 
     def _drain(self, *, final: bool) -> list[str]:
         out: list[str] = []
-        while (cut := self._find_cut(final)) is not None:
+        while (cut := self._find_cut(self._buf, final)) is not None:
             piece, self._buf = self._buf[:cut], self._buf[cut:]
             piece = speakable(piece)
             if piece:
@@ -263,8 +259,7 @@ class SentenceSplitter:
                 self._released_words += len(piece.split())
         return out
 
-    def _find_cut(self, final: bool) -> int | None:
-        buf = self._buf
+    def _find_cut(self, buf: str, final: bool) -> int | None:
         start = len(buf) - len(buf.lstrip())  # where the pending sentence begins
         i = start
         while i < len(buf):
