@@ -152,8 +152,7 @@ class TurnSpeech:
         draft = self._draft
         if (draft is not None and draft.task is None
                 and self._in_flight < self._backend.concurrency):
-            self._in_flight += 1
-            draft.task = self._tg.create_task(self._produce(draft.sentence, draft.queue))
+            draft.task = self._tg.create_task(self._produce_draft(draft))
             self._tasks.append(draft.task)
         while (self._next_launch in self._waiting
                and self._in_flight < self._backend.concurrency):
@@ -163,6 +162,13 @@ class TurnSpeech:
             self._in_flight += 1
             self._tasks.append(self._tg.create_task(self._produce(sentence, queue)))
             self._next_launch += 1
+            self._wake.set()  # the player may be waiting for this one (a slot came free late)
+
+    async def _produce_draft(self, draft: _Draft) -> None:
+        """A draft's producer takes its slot only once it runs: a draft withdrawn at once is
+        cancelled before its first step, and then no ``finally`` of it runs to give it back."""
+        self._in_flight += 1
+        await self._produce(draft.sentence, draft.queue)
 
     async def _produce(self, sentence: Sentence, queue: asyncio.Queue[object]) -> None:
         started = time.perf_counter()

@@ -344,7 +344,10 @@ async def test_a_draft_is_spoken_only_as_the_sentence_that_confirms_it(broker, a
         short_s = sum(p.samples for p in kept if p.sentence == 0) / RATE
 
         # Withdrawn ("example." went on as "example.org"), or replaced by other words: the
-        # draft's audio is never heard, the sentence's is, once.
+        # draft's audio is never heard, the sentence's is, once. (d2's turn is running when
+        # its next draft comes and goes at once: cancelled before its first step.)
+        draft("d2", "Yes.")
+        await wait_for_log(tts, r"sentence_synthesised.*session=d2")
         draft("d2", "Visit example.")
         draft("d2", "")
         draft("d3", first)
