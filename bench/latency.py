@@ -19,6 +19,11 @@ docs/performance.md); the default, 0, lets it compete as an equal.
     .venv/bin/python bench/latency.py [--turns 6] [--modes ptt,vad] [--gap 9] [--browser-nice 0]
                                       [--browser-flag=--FLAG ...] [-- SUPERVISOR ARGS]
 
+Before the system starts and after it stops, ``bench/calibrate.py`` measures how fast this
+machine runs each model alone (``--no-calibrate`` skips it): machines of one kind differ by up to
+half in speed, and a shared host's speed can drift by as much within minutes, so a run's figures
+are read beside its machine's, and a run whose two calibrations disagree is suspect.
+
 Prints p50/p95 per stage and end to end per mode, the page's jitter buffer (WebRTC getStats:
 how long the reply's audio waited in Chromium's buffer, on average, and the buffer's target: part
 of the last stage, from the first packet sent to the first sound heard), and the stalls: silences
@@ -32,6 +37,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -196,6 +202,23 @@ def summarise(result: dict) -> dict:
     return out
 
 
+def calibrate() -> dict:
+    """This machine's speed with each model alone (``bench/calibrate.py``'s JSON line), or {}
+    when it failed (the benchmark goes on without it)."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "calibrate.py")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    lines = done.stdout.strip().splitlines()
+    try:
+        figures = json.loads(lines[-1]) if done.returncode == 0 and lines else {}
+    except json.JSONDecodeError:
+        figures = {}
+    if not figures:
+        print(f"calibration failed (exit {done.returncode}): {done.stderr.strip()[-300:]}",
+              file=sys.stderr)
+    figures.pop("bench", None)
+    return figures
+
+
 def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
@@ -211,9 +234,12 @@ async def main() -> None:
                         help="CPU niceness of Chromium (10: as if on another machine)")
     parser.add_argument("--browser-flag", action="append", default=[],
                         help="one more Chromium command-line flag (repeatable)")
+    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure each model alone before and after the run (bench/calibrate.py)")
     parser.add_argument("supervisor_args", nargs="*", help="extra flags for supervisor.py (after --)")
     args = parser.parse_args()
     results = {}
+    machine = {"before": calibrate()} if args.calibrate else {}
     with tempfile.TemporaryDirectory(prefix="parley-bench-") as tmp:
         folder = Path(tmp)
         wav, questions = microphone(args.turns, args.gap, folder)
@@ -225,10 +251,18 @@ async def main() -> None:
                                                args.browser_nice, tuple(args.browser_flag))
             if args.keep_log is not None:
                 args.keep_log.write_text(system.output())
+    if machine:
+        machine["after"] = calibrate()
 
     print(f"\nVoice-to-voice latency at the page, {args.turns} questions per mode "
           f"(ms after the end of speech in the mic signal), Chromium at nice "
           f"{args.browser_nice}\n")
+    for when, figures in machine.items():
+        print(f"machine {when} the run, each model alone (bench/calibrate.py, ms): "
+              + ", ".join(f"{k.removesuffix('_ms')} {v:g}" for k, v in figures.items()
+                          if k != "repeats"))
+    if machine:
+        print()
     summary = {}
     for mode, result in results.items():
         summary[mode] = s = summarise(result)
@@ -253,7 +287,7 @@ async def main() -> None:
             print(f"  errors: {result['errors'][:3]}")
         print()
     print(json.dumps({"bench": "latency", "browser_nice": args.browser_nice,
-                      "browser_flags": args.browser_flag, "modes": summary}))
+                      "browser_flags": args.browser_flag, "machine": machine, "modes": summary}))
 
 
 if __name__ == "__main__":
