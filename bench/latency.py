@@ -69,6 +69,7 @@ RATE = 48_000
 LEAD_S = 3.0  # the call connects meanwhile
 GROUP_GAP_MS = 1500  # mic sounds closer than this belong to one question
 STALL_MS = 600  # a silence this long inside a reply is the voice waiting, not a pause
+CALIBRATE_TIMEOUT_S = 300  # bench/calibrate.py takes ~20 s (the first run converts models)
 
 PTT_DRIVER = """
 (() => {
@@ -205,8 +206,12 @@ def summarise(result: dict) -> dict:
 def calibrate() -> dict:
     """This machine's speed with each model alone (``bench/calibrate.py``'s JSON line), or {}
     when it failed (the benchmark goes on without it)."""
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "calibrate.py")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    try:
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "calibrate.py")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=CALIBRATE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        print(f"calibration gave no answer in {CALIBRATE_TIMEOUT_S} s", file=sys.stderr)
+        return {}
     lines = done.stdout.strip().splitlines()
     try:
         figures = json.loads(lines[-1]) if done.returncode == 0 and lines else {}
