@@ -263,9 +263,9 @@ async def main() -> None:
           f"(ms after the end of speech in the mic signal), Chromium at nice "
           f"{args.browser_nice}\n")
     for when, figures in machine.items():
+        shown = [f"{k.removesuffix('_ms')} {v:g}" for k, v in figures.items() if k != "repeats"]
         print(f"machine {when} the run, each model alone (bench/calibrate.py, ms): "
-              + ", ".join(f"{k.removesuffix('_ms')} {v:g}" for k, v in figures.items()
-                          if k != "repeats"))
+              + (", ".join(shown) or "not measured (see above)"))
     if machine:
         print()
     summary = {}
