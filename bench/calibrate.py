@@ -13,8 +13,8 @@ number per model, each the median of a few repeats after a warm-up:
 
     .venv/bin/python bench/calibrate.py [--repeats 5]
 
-``bench/latency.py`` runs it before each run and prints its figures with the results. The last
-line is one JSON object.
+``bench/latency.py`` runs it before and after each run and prints its figures with the results.
+The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,7 +36,7 @@ PREFILL_TOKENS = 8
 DECODE_TOKENS = 16
 
 
-def median_ms(fn, repeats: int) -> float:
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
     """``fn()`` once to warm up, then the median of ``repeats`` timed calls, in ms."""
     fn()
     times = []
