@@ -39,6 +39,7 @@ from bus.client import BusClient
 from bus.schema import UTTERANCE, Control, ControlKind, Message, Metric, Transcript, Utterance
 from engines.asr import EngineSpec, ModelUnavailable, load_engine
 from engines.asr.pipeline import Recognition, Recognizer, check_pcm
+from engines.asr.speech_probs import SpeechProbabilities
 
 T = TypeVar("T")
 PROGRESS_EVERY_S = 3.0  # a "still loading" line this often while a model loads
@@ -83,6 +84,8 @@ class Asr(Actor):
         self._working = 0  # model calls running now (changed by the worker thread only)
         self._waiting = 0  # utterances (not partial) queued or being decoded
         self._pauses: dict[str, _Pause] = {}  # per session, its latest pause partial
+        # per session, its turn's VAD probabilities so far: each chunk's VAD runs once a turn
+        self._probs: dict[str, tuple[int, SpeechProbabilities]] = {}
 
     @property
     def _busy(self) -> bool:
@@ -148,6 +151,15 @@ class Asr(Actor):
     async def session_ended(self, session: str) -> None:
         await super().session_ended(session)
         self._pauses.pop(session, None)
+        self._probs.pop(session, None)
+
+    def _turn_probs(self, msg: Utterance) -> SpeechProbabilities:
+        """The VAD's memory of ``msg``'s turn: its partials and its utterance share a start."""
+        turn, probs = self._probs.get(msg.session, (None, None))
+        if turn != msg.turn or probs is None:
+            probs = SpeechProbabilities()
+            self._probs[msg.session] = (msg.turn, probs)
+        return probs
 
     async def _recognise(self, msg: Utterance) -> Recognition:
         """``msg`` through the recogniser in the worker thread. When the job is cancelled (the
@@ -156,7 +168,7 @@ class Asr(Actor):
         stop = threading.Event()
         try:
             return await self._in_worker(self.recognizer.recognise, msg.pcm, msg.sample_rate,
-                                         stop.is_set)
+                                         stop.is_set, self._turn_probs(msg))
         except asyncio.CancelledError:
             stop.set()
             self.log.debug("asr_cancelled", session=msg.session, turn=msg.turn,

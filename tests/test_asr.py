@@ -26,8 +26,9 @@ from bus.schema import (
 )
 from engines.asr import EngineSpec, load_engine
 from engines.asr.base import AsrSegment
-from engines.asr.guard import accept, drop_reason
+from engines.asr.guard import accept, drop_reason, find_speech, speech_spans
 from engines.asr.pipeline import Recognizer
+from engines.asr.speech_probs import SpeechProbabilities
 from tests import harness
 from tests.speech import say, silence
 
@@ -230,6 +231,72 @@ def test_whisper_hallucinations_are_dropped_by_its_own_evidence():
                    AsrSegment(" you", **doubtful)]) == ("Hello there.", "")
     assert accept([AsrSegment(" you", **doubtful)]) == ("", "hallucination")
     assert accept([]) == ("", "empty")
+
+
+def _turn_audio() -> np.ndarray:
+    """A question, a pause, a short answer, a click of noise and silence: spans to find."""
+    rng = np.random.default_rng(7)
+    parts = [silence(0.4), say("What is two plus two?"), silence(0.5), say("Four."),
+             silence(0.09), say("Yes."), (rng.standard_normal(1600) * 3000).astype(np.int16),
+             silence(0.7)]
+    return np.concatenate(parts).astype(np.float32) / 32768
+
+
+def test_speech_spans_follow_silero_rule_as_faster_whisper_applies_it():
+    from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+    def voiced(pcm: np.ndarray) -> np.ndarray:
+        loud = np.flatnonzero(np.abs(pcm) > 300)
+        return pcm[loud[0]:loud[-1] + 1]
+
+    # words counted with ever longer gaps (40-200 ms): dips the 100 ms rule keeps or splits at
+    counting = [silence(0.3)]
+    for word, gap in zip(("One.", "Two.", "Three.", "Four.", "Five.", "Six."),
+                         (0.04, 0.07, 0.1, 0.13, 0.2, 0.5), strict=True):
+        counting += [voiced(say(word)), silence(gap)]
+    counted = np.concatenate(counting).astype(np.float32) / 32768
+    audio = _turn_audio()
+    for clip in (audio, audio[:-700], audio[:30_000], audio[:16_384], audio[:9_000], counted,
+                 counted[:33_000]):
+        expected = [(s["start"], s["end"]) for s in get_speech_timestamps(
+            clip, VadOptions(threshold=0.5, min_speech_duration_ms=0,
+                             min_silence_duration_ms=100, speech_pad_ms=0))]
+        assert speech_spans(SpeechProbabilities()(clip), clip.size) == expected, clip.size
+    assert len(speech_spans(SpeechProbabilities()(audio), audio.size)) >= 2  # the pause splits
+    assert 2 <= len(speech_spans(SpeechProbabilities()(counted), counted.size)) < 6
+
+
+def test_a_turns_vad_runs_each_chunk_once_with_the_results_of_one_whole_run():
+    audio = _turn_audio()
+    memory = SpeechProbabilities()
+    done = 0  # whole chunks computed so far
+    for end in (8_000, 8_000, 20_480, 20_500, audio.size):  # partials, the pause, the utterance
+        before = memory.computed
+        probs = memory(audio[:end])
+        np.testing.assert_array_equal(probs, SpeechProbabilities()(audio[:end]))
+        # the new whole chunks, and the padded last one (computed every time, never kept)
+        assert memory.computed - before == end // 512 - done + (end % 512 > 0)
+        done = end // 512
+        assert find_speech(audio[:end], probs=memory) == find_speech(audio[:end])
+    other = audio[::-1].copy()  # not this recording: computed afresh, and right
+    np.testing.assert_array_equal(memory(other), SpeechProbabilities()(other))
+
+
+def test_whisper_features_of_the_audio_alone_equal_those_of_the_padded_window():
+    from faster_whisper.feature_extractor import FeatureExtractor
+
+    from engines.asr.faster_whisper_backend import log_mel
+
+    extractor = FeatureExtractor()
+    audio = _turn_audio()
+    for samples, window_s in ((audio.size, 6), (16_000, 5), (12_345, 5), (79_000, 5)):
+        clip = audio[:samples]
+        padded = np.zeros(window_s * 16_000, dtype=np.float32)
+        padded[:clip.size] = clip
+        expected = extractor(padded)[:, :window_s * 100]
+        got = log_mel(extractor, clip, window_s)
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
 
 
 def test_bundled_base_is_joined_once_and_transcribes(tmp_path):

@@ -3,6 +3,8 @@
 Before: digital silence is rejected by its peak level, then Silero VAD (the ONNX model shipped
 inside faster-whisper) measures how much speech there is; under ``min_speech_s`` (0.3 s) the
 utterance is dropped without running Whisper, and long silences around the speech are trimmed.
+The VAD's probabilities of a turn's audio are kept from one of its recognitions to the next
+(:mod:`engines.asr.speech_probs`), and the speech is found in them by Silero's own rule.
 After: Whisper's own evidence decides. A segment is dropped when Whisper thought there was no
 speech and was unsure of its text (its standard rule: ``no_speech_prob > 0.6`` and
 ``avg_logprob < -1``), when it looped (``compression_ratio > 2.4``), or when the model was very
@@ -18,8 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from engines.asr.base import SAMPLE_RATE, AsrSegment
+from engines.asr.speech_probs import CHUNK, SpeechProbabilities
 
 SILENT_PEAK = 10 ** (-50 / 20)  # -50 dBFS: nothing a microphone picks up from a voice
+MIN_SILENCE_MS = 100  # a shorter dip in the speech probability does not split the speech
 NO_SPEECH_PROB = 0.6
 LOGPROB_FLOOR = -1.0
 VERY_UNSURE_LOGPROB = -1.5
@@ -46,21 +50,49 @@ class Speech:
     silent: bool = False  # below :data:`SILENT_PEAK`: the VAD did not even run
 
 
-def find_speech(audio: np.ndarray, pad_s: float = 0.3, threshold: float = 0.5) -> Speech:
-    """Seconds of speech in 16 kHz float ``audio`` and the span around it."""
+def find_speech(audio: np.ndarray, pad_s: float = 0.3, threshold: float = 0.5,
+                probs: SpeechProbabilities | None = None) -> Speech:
+    """Seconds of speech in 16 kHz float ``audio`` and the span around it. ``probs``: the VAD's
+    memory of this recording, when the same audio came before, shorter (its chunks are not
+    computed again)."""
     if audio.size == 0 or float(np.max(np.abs(audio))) < SILENT_PEAK:
         return Speech(0.0, silent=True)
-    from faster_whisper.vad import VadOptions, get_speech_timestamps
-
-    spans = get_speech_timestamps(
-        audio, VadOptions(threshold=threshold, min_speech_duration_ms=0,
-                          min_silence_duration_ms=100, speech_pad_ms=0))
+    spans = speech_spans((probs or SpeechProbabilities())(audio), audio.size, threshold)
     if not spans:
         return Speech(0.0)
-    seconds = sum(s["end"] - s["start"] for s in spans) / SAMPLE_RATE
+    seconds = sum(end - start for start, end in spans) / SAMPLE_RATE
     pad = int(pad_s * SAMPLE_RATE)
-    return Speech(seconds, start=max(0, spans[0]["start"] - pad),
-                  end=min(audio.size, spans[-1]["end"] + pad))
+    return Speech(seconds, start=max(0, spans[0][0] - pad), end=min(audio.size, spans[-1][1] + pad))
+
+
+def speech_spans(probs: np.ndarray, length: int, threshold: float = 0.5,
+                 min_silence_ms: int = MIN_SILENCE_MS) -> list[tuple[int, int]]:
+    """Sample spans of speech from per-chunk probabilities, as Silero's own rule finds them
+    (and faster-whisper's ``get_speech_timestamps`` with no padding and no minimum length):
+    speech starts at a chunk of ``threshold`` or more and ends where the probability fell under
+    ``threshold - 0.15``, once it has stayed under ``threshold`` for ``min_silence_ms``."""
+    low = max(threshold - 0.15, 0.01)
+    min_silence = SAMPLE_RATE * min_silence_ms / 1000
+    spans: list[tuple[int, int]] = []
+    start: int | None = None
+    quiet_from = 0  # where the probability last fell under ``low`` (0: it has not)
+    for i, p in enumerate(probs.tolist()):
+        at = i * CHUNK
+        if start is None:
+            if p >= threshold:
+                start, quiet_from = at, 0
+            continue
+        if p >= threshold:
+            quiet_from = 0
+        elif p < low:
+            quiet_from = quiet_from or at
+            if at - quiet_from >= min_silence:
+                if quiet_from > start:
+                    spans.append((start, quiet_from))
+                start, quiet_from = None, 0
+    if start is not None and length > start:
+        spans.append((start, length))
+    return spans
 
 
 def clean_text(text: str) -> str:

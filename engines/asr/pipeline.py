@@ -14,6 +14,7 @@ import numpy as np
 
 from engines.asr import guard
 from engines.asr.base import SAMPLE_RATE, AsrEngine, Cancel, Cancelled, never, stop_if
+from engines.asr.speech_probs import SpeechProbabilities
 
 MIN_RATE = 8_000  # telephone audio; anything lower carries no intelligible speech
 MAX_RATE = 192_000
@@ -60,14 +61,16 @@ class Recognizer:
         self.engine = engine
         self.min_speech_s = min_speech_s
 
-    def recognise(self, pcm: bytes, rate: int = SAMPLE_RATE,
-                  cancelled: Cancel = never) -> Recognition:
+    def recognise(self, pcm: bytes, rate: int = SAMPLE_RATE, cancelled: Cancel = never,
+                  probs: SpeechProbabilities | None = None) -> Recognition:
         """The words of ``pcm``; ``cancelled()`` is asked between the stages (VAD, Whisper's
-        encoder, its decoder): when true, the rest is skipped and the reason is ``cancelled``."""
+        encoder, its decoder): when true, the rest is skipped and the reason is ``cancelled``.
+        ``probs``: the VAD's memory of the turn this audio belongs to (see
+        :mod:`engines.asr.speech_probs`)."""
         audio = to_float(pcm, rate)
         audio_s = audio.size / SAMPLE_RATE
         started = time.perf_counter()
-        speech = guard.find_speech(audio)
+        speech = guard.find_speech(audio, probs=probs)
         vad_ms = (time.perf_counter() - started) * 1000
         if speech.seconds == 0.0:
             return Recognition("", "", audio_s, 0.0, vad_ms=vad_ms,
