@@ -51,7 +51,7 @@ TABLE: list[tuple[str, list[str]]] = [
     ("The capital of France, which is a big city with many museums, is Paris. Later, it rains.",
      ["The capital of France,", "which is a big city with many museums,", "is Paris.",
       "Later, it rains."]),
-    ("Sure, I can help. Yes.", ["Sure, I can help.", "Yes."]),
+    ("Sure, I can help. Yes.", ["Sure,", "I can help.", "Yes."]),
     ("The first thing you should know about this - it is easy to do.",
      ["The first thing you should know about this -", "it is easy to do."]),
     ("A well-known fact is that the number 1,000,000 is large.",
@@ -133,9 +133,12 @@ def test_speakable() -> None:
 def test_the_first_clause_goes_on_its_own_at_a_comma_after_three_words():
     assert split_text("Bees make honey, which they collect from flowers.") == [
         "Bees make honey,", "which they collect from flowers."]
-    # fewer words before the comma: too short a phrase to say alone
-    assert split_text("Yes, a lemon is yellow.") == ["Yes, a lemon is yellow."]
-    assert split_text("Of course, bees make honey.") == ["Of course, bees make honey."]
+    # fewer words before the comma: too short a phrase to say alone, but for an interjection
+    # that opens the reply, a phrase of its own
+    assert split_text("In fact, a lemon is yellow.") == ["In fact, a lemon is yellow."]
+    assert split_text("Yes, a lemon is yellow.") == ["Yes,", "a lemon is yellow."]
+    assert split_text("Of course, bees make honey.") == ["Of course,", "bees make honey."]
+    assert split_text("Bees make honey. Yes, they do.") == ["Bees make honey.", "Yes, they do."]
 
 
 def test_a_long_first_sentence_without_commas_is_cut_before_a_conjunction():
@@ -147,7 +150,7 @@ def test_a_long_first_sentence_without_commas_is_cut_before_a_conjunction():
         "Yes.", "The sky on a clear day is usually blue", "and the sea is too."]
     assert split_text("Well, the sun is a big star, and it gives us light and warmth each day. "
                       "The sky on a clear day is usually blue and the sea is too.") == [
-        "Well, the sun is a big star,", "and it gives us light and warmth each day.",
+        "Well,", "the sun is a big star,", "and it gives us light and warmth each day.",
         "The sky on a clear day is usually blue and the sea is too."]
     # "andrew" is no conjunction
     assert split_text("My best friend from the old school is called andrew smith.") == [
@@ -159,8 +162,10 @@ def test_a_long_first_sentence_without_any_break_is_cut_before_a_phrase():
         "There's no specific number for dogs", "but they have four legs."]
     assert split_text("A clear day can have many different colors depending on the hour.") == [
         "A clear day can have many different colors", "depending on the hour."]
+    assert split_text("A ripe lemon is a classic example of a fruit that is yellow.") == [
+        "A ripe lemon is a classic example", "of a fruit that is yellow."]
     assert split_text("Yes, a lemon is a classic example of a fruit that is yellow.") == [
-        "Yes, a lemon is a classic example", "of a fruit that is yellow."]
+        "Yes,", "a lemon is a classic example of a fruit", "that is yellow."]
     # short enough to wait for its end; a short first sentence does not end the early cuts
     assert split_text("The capital of France is Paris.") == ["The capital of France is Paris."]
     assert split_text("Bees make honey. They make it from the nectar of flowers in spring.") == [

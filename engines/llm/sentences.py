@@ -8,7 +8,8 @@ model's next token is ~25 ms away on a small CPU). Markdown the model writes out
 removed first, since a voice must not read asterisks, hashes, code or link targets. At the start of
 a reply, while less than ``early_words`` have been released, a long sentence's first clause is
 released on its own so that speech starts sooner and the voice never waits for a long sentence
-after a short one: at a comma, semicolon, colon or spaced dash, or, when there is none, before a
+after a short one: at a comma, semicolon, colon or spaced dash (a reply's opening "Yes," or "Of
+course," goes alone at its comma), or, when there is none, before a
 conjunction ("and", "but", "because"...) once enough words have come, and at the latest before a
 preposition or relative word ("of", "with", "that", "depending"...) once the sentence has run to
 ``first_span_words``.
@@ -206,6 +207,12 @@ _OPENERS = _CONJUNCTIONS | frozenset({
     "about", "after", "as", "at", "before", "by", "depending", "during", "for", "from", "if",
     "in", "into", "like", "of", "on", "since", "than", "that", "to", "when", "where", "who",
     "whose", "with", "without"})
+# Said alone before a comma at the start of a reply, these are a phrase of their own ("Yes, |
+# a lemon is yellow."): spoken at once, with the pause a comma gets, while the rest is written.
+_INTERJECTIONS = frozenset({
+    "yes", "yeah", "yep", "no", "nope", "sure", "well", "oh", "ah", "okay", "ok", "alright",
+    "all right", "of course", "hi", "hello", "hey", "absolutely", "certainly", "actually",
+    "indeed", "great", "hmm", "wow", "sorry", "thanks", "right", "so", "honestly"})
 _NEXT_WORD = re.compile(r"[A-Za-z']+")
 CONJUNCTION_EXTRA_WORDS = 3  # a conjunction cut needs a longer first clause than a comma cut
 
@@ -351,7 +358,11 @@ class SentenceSplitter:
             return False  # "1,000", "10:30"
         if buf[i] == ":" and not buf[i + 1:].strip():
             return False
-        return len(buf[start:i].split()) >= self.first_clause_words
+        words = buf[start:i].split()
+        opening = " ".join(words).lower().strip(_CLOSERS + "\"'“‘")
+        if buf[i] == "," and not self._released_words and opening in _INTERJECTIONS:
+            return True  # the reply's first word(s): "Yes," goes alone
+        return len(words) >= self.first_clause_words
 
     @staticmethod
     def _dash(buf: str, i: int) -> bool:
