@@ -155,11 +155,10 @@ class Asr(Actor):
 
     def _turn_probs(self, msg: Utterance) -> SpeechProbabilities:
         """The VAD's memory of ``msg``'s turn: its partials and its utterance share a start."""
-        turn, probs = self._probs.get(msg.session, (None, None))
-        if turn != msg.turn or probs is None:
-            probs = SpeechProbabilities()
-            self._probs[msg.session] = (msg.turn, probs)
-        return probs
+        kept = self._probs.get(msg.session)
+        if kept is None or kept[0] != msg.turn:
+            kept = self._probs[msg.session] = (msg.turn, SpeechProbabilities())
+        return kept[1]
 
     async def _recognise(self, msg: Utterance) -> Recognition:
         """``msg`` through the recogniser in the worker thread. When the job is cancelled (the

@@ -87,8 +87,7 @@ def speech_spans(probs: np.ndarray, length: int, threshold: float = 0.5,
         elif p < low:
             quiet_from = quiet_from or at
             if at - quiet_from >= min_silence:
-                if quiet_from > start:
-                    spans.append((start, quiet_from))
+                spans.append((start, quiet_from))  # quiet_from > start: set after the start
                 start, quiet_from = None, 0
     if start is not None and length > start:
         spans.append((start, length))

@@ -36,7 +36,7 @@ class SpeechProbabilities:
 
     def __init__(self) -> None:
         self._reset()
-        self.computed = 0  # chunks run through the model, for tests and logs
+        self.computed = 0  # chunks run through the model (the tests count them)
 
     def _reset(self) -> None:
         self._seen = np.zeros(0, dtype=np.float32)  # the whole chunks computed so far
