@@ -1,11 +1,13 @@
 """ASR actor: each utterance becomes a transcript, or a ``no_speech`` state when it holds none.
 
 The model loads once before the actor reports ready and is warmed up by one dummy inference.
-Recognition runs in one worker thread, one utterance at a time: a second model call at once
-would only split the same cores. A session's new turn or an interrupt cancels the session's
-job; an utterance still waiting for the thread is then never decoded, and one already being
-recognised stops at its next stage (VAD, Whisper's encoder, its decoder: a CTranslate2 call
-cannot be stopped midway), its result discarded.
+Recognition runs one utterance at a time: a second live model call would only split the same
+cores. A session's new turn or an interrupt cancels the session's job; an utterance still
+waiting for its turn is then never decoded, and one already being recognised stops at its next
+stage (VAD, Whisper's encoder, its decoder: a CTranslate2 call cannot be stopped midway), its
+result discarded. Such an abandoned call finishes its stage on a second worker thread while the
+next recognition starts on the first: the turn's end, which usually abandons a partial, never
+waits for a decoder that is working for nobody (the engine queues what cannot overlap).
 
 A *partial* utterance (the audio so far of a turn still being spoken) is transcribed only when
 the thread is free, and its words go out as a partial transcript: a live caption, and the LLM's
@@ -79,9 +81,12 @@ class Asr(Actor):
                                cache_dir=settings.asr_cache_dir,
                                threads=max(0, settings.asr_threads))
         self.recognizer: Recognizer
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr")
+        # two threads: one for the live recognition, one for an abandoned call finishing
+        self._worker = ThreadPoolExecutor(max_workers=2, thread_name_prefix="asr")
+        self._live = asyncio.Semaphore(1)  # recognitions someone waits for: one at a time
         self._rejected: collections.Counter[str] = collections.Counter()
-        self._working = 0  # model calls running now (changed by the worker thread only)
+        self._working = 0  # model calls running now, abandoned ones included
+        self._working_lock = threading.Lock()  # the worker threads count them
         self._waiting = 0  # utterances (not partial) queued or being decoded
         self._pauses: dict[str, _Pause] = {}  # per session, its latest pause partial
         # per session, its turn's VAD probabilities so far: each chunk's VAD runs once a turn
@@ -161,13 +166,15 @@ class Asr(Actor):
         return kept[1]
 
     async def _recognise(self, msg: Utterance) -> Recognition:
-        """``msg`` through the recogniser in the worker thread. When the job is cancelled (the
+        """``msg`` through the recogniser in a worker thread. When the job is cancelled (the
         turn's utterance replaces a partial one, or an interrupt), the thread is told to stop at
-        its next stage, so that the utterance queued behind it waits one stage, not a decode."""
+        its next stage and finishes it on its own: the next recognition starts at once, beside
+        it."""
         stop = threading.Event()
         try:
-            return await self._in_worker(self.recognizer.recognise, msg.pcm, msg.sample_rate,
-                                         stop.is_set, self._turn_probs(msg))
+            async with self._live:  # released at a cancel: the next one need not wait
+                return await self._in_worker(self.recognizer.recognise, msg.pcm,
+                                             msg.sample_rate, stop.is_set, self._turn_probs(msg))
         except asyncio.CancelledError:
             stop.set()
             self.log.debug("asr_cancelled", session=msg.session, turn=msg.turn,
@@ -251,12 +258,14 @@ class Asr(Actor):
                              state=NO_SPEECH, text=reason))
 
     def _run(self, fn: Callable[..., T], *args: object) -> T:
-        """In the worker thread: ``fn``, counted while it runs."""
-        self._working += 1
+        """In a worker thread: ``fn``, counted while it runs."""
+        with self._working_lock:
+            self._working += 1
         try:
             return fn(*args)
         finally:
-            self._working -= 1
+            with self._working_lock:
+                self._working -= 1
 
     async def _in_worker(self, fn: Callable[..., T], *args: object, waiting: str = "") -> T:
         """Run ``fn`` in the worker thread; log ``waiting`` every few seconds until it is done."""

@@ -6,6 +6,7 @@ import asyncio
 import re
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from bus.schema import (
 from engines.asr import EngineSpec, load_engine
 from engines.asr.base import AsrSegment
 from engines.asr.guard import accept, drop_reason, find_speech, speech_spans
-from engines.asr.pipeline import Recognizer
+from engines.asr.pipeline import Recognition, Recognizer
 from engines.asr.speech_probs import SpeechProbabilities
 from tests import harness
 from tests.speech import say, silence
@@ -329,6 +330,41 @@ def test_a_cancelled_recognition_stops_between_its_stages():
     result = recognizer.recognise(pcm, cancelled=lambda: bool(asked.append(True)))
     assert {"what", "two", "plus"} <= normalise(result.text), result
     assert len(asked) == 3  # every stage asked, none stopped
+
+
+def test_a_decode_given_up_on_does_not_hold_up_the_next_recognition():
+    """A partial abandoned in its decoder runs the decode out (CTranslate2 cannot stop it); the
+    turn's recognition, started beside it, decodes on the decoder's second replica and is done
+    first. On one replica it would queue behind the abandoned decode."""
+    recognizer = Recognizer(load_engine(EngineSpec(model="tiny.en", device="cpu")))
+    question = say("What is two plus two?")
+    long_pcm = np.tile(np.concatenate([question, silence(0.3)]), 12).astype("<i2").tobytes()
+    asked: list[bool] = []
+    finished: list[str] = []
+
+    def abandoned_after_its_encoder() -> bool:
+        asked.append(True)
+        return False  # never stops: its decoder runs to the end, as an abandoned one does
+
+    def abandoned() -> None:
+        recognizer.recognise(long_pcm, cancelled=abandoned_after_its_encoder)
+        finished.append("abandoned")
+
+    def turn() -> Recognition:
+        result = recognizer.recognise(question.astype("<i2").tobytes())
+        finished.append("turn")
+        return result
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first = pool.submit(abandoned)
+        deadline = time.monotonic() + 30
+        while len(asked) < 3 and time.monotonic() < deadline:  # the third ask: decoder next
+            time.sleep(0.001)
+        assert len(asked) == 3
+        result = pool.submit(turn).result(timeout=60)
+        first.result(timeout=60)
+    assert {"what", "two", "plus"} <= normalise(result.text), result
+    assert finished == ["turn", "abandoned"]
 
 
 def tiny_random_whisper(folder: Path) -> Path:

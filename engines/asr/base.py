@@ -68,7 +68,10 @@ class AsrResult:
 
 
 class AsrEngine(Protocol):
-    """A loaded model. ``transcribe`` blocks: call it from a worker thread, one call at a time."""
+    """A loaded model. ``transcribe`` blocks: call it from a worker thread. Callers make one
+    call at a time, but a call they gave up on may still be finishing its stage when the next
+    one starts: an engine lets the two overlap where its models can, and queues them where not.
+    """
 
     name: str  # backend:model, for logs and the benchmark
     device: str  # the device actually used

@@ -40,6 +40,7 @@ PAD_S = 1.0  # silence appended after the speech before encoding
 MIN_WINDOW_S = 5.0  # shorter windows than this lose accuracy on one-word answers
 FRAMES_PER_S = 100  # mel frames per second (hop of 160 samples at 16 kHz)
 HOP = SAMPLE_RATE // FRAMES_PER_S
+DECODER_REPLICAS = 2  # decodes that may run at once: the live one and an abandoned one
 ZERO_TAIL = 800  # > a frame's half window (200) + the extractor's own padding (160) + a hop
 
 
@@ -80,11 +81,15 @@ class FasterWhisperEngine:
         # Decoding steps are tiny (one token through a few layers): on a CPU a second thread
         # costs more in hand-offs than it computes (tiny.en: 3.3 against 4.4 ms a token here),
         # while the encoder's one big pass gains from it. So decoding runs on its own
-        # one-thread copy of the model; the encoder's output is handed across.
+        # one-thread copy of the model; the encoder's output is handed across. That copy has
+        # two replicas: a decode that was given up on (a partial the turn's end replaced) runs
+        # out on one while the next recognition, its encoder done, decodes on the other.
+        # The encoder has one: a second call queues behind the first, then that one stops.
         self._decoder = self._model.model
         if device == "cpu" and (spec.threads or cpu_threads()) > 1 and Path(path).is_dir():
-            self._decoder = ctranslate2.models.Whisper(path, device="cpu",
-                                                       compute_type=compute_type, intra_threads=1)
+            self._decoder = ctranslate2.models.Whisper(
+                path, device="cpu", compute_type=compute_type, intra_threads=1,
+                inter_threads=DECODER_REPLICAS)
         self.device = device
         self.name = f"faster-whisper:{spec.model}"
         self._language = spec.language or None

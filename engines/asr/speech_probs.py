@@ -16,6 +16,7 @@ one before as context, in one batch with the recurrent state carried through.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -32,11 +33,13 @@ def _model() -> Any:
 
 
 class SpeechProbabilities:
-    """The probabilities of one growing recording; not thread-safe (one worker uses it)."""
+    """The probabilities of one growing recording. Thread-safe: a recognition given up on may
+    still be in its VAD when the turn's next one starts."""
 
     def __init__(self) -> None:
         self._reset()
         self.computed = 0  # chunks run through the model (the tests count them)
+        self._lock = threading.Lock()
 
     def _reset(self) -> None:
         self._seen = np.zeros(0, dtype=np.float32)  # the whole chunks computed so far
@@ -47,6 +50,10 @@ class SpeechProbabilities:
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         """One probability per 512 samples of 16 kHz float ``audio``, the last chunk padded with
         zeros (as faster-whisper pads it)."""
+        with self._lock:
+            return self._probabilities(audio)
+
+    def _probabilities(self, audio: np.ndarray) -> np.ndarray:
         whole = audio.size // CHUNK * CHUNK
         done = self._seen.size
         if done > whole or not np.array_equal(audio[:done], self._seen):

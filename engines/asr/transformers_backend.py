@@ -9,6 +9,7 @@ sequential long-form decoding, which applies the same thresholds itself.
 
 from __future__ import annotations
 
+import threading
 import zlib
 
 import numpy as np
@@ -65,6 +66,9 @@ class TransformersEngine:
                 f"faster-whisper") from None
         self._torch = torch
         self._dtype = dtype
+        # one call at a time: a call given up on finishes before the next starts (transformers
+        # does not promise that two generations on one model may overlap)
+        self._lock = threading.Lock()
         self.device = device
         self.name = f"transformers:{spec.model}"
         gen = self._model.generation_config
@@ -84,7 +88,7 @@ class TransformersEngine:
         return kwargs
 
     def transcribe(self, audio: np.ndarray, cancelled: Cancel = never) -> AsrResult:
-        with self._torch.inference_mode():
+        with self._lock, self._torch.inference_mode():
             if audio.size / SAMPLE_RATE > WINDOW_S:
                 stop_if(cancelled)
                 return self._long_form(audio)
