@@ -50,10 +50,11 @@ def test_chunked_voice_speaks_exactly_as_the_whole_voice(voice_files):
     model, config = voice_files
     whole = PiperVoice.load(str(model), config_path=str(config))
     graph = vits_chunks.split_voice(model)
-    assert graph is not None
+    assert graph is not None and graph.flow is not None  # cut at the decoder and the flow
     chunked = vits_chunks.ChunkedVits(graph, threads=0, hop=whole.config.hop_length)
     chunked.calibrate(inputs_for(whole, vits_chunks.CALIBRATION_TEXT))
     assert chunked.context in vits_chunks.CONTEXTS  # the receptive field was found
+    assert chunked.flow_context in vits_chunks.FLOW_CONTEXTS  # the flow's too
     assert 1.4 < chunked.gain < 1.8  # calibration peak ~0.54 at zero noise -> 0.85
 
     inputs = inputs_for(whole, SENTENCE)
@@ -65,6 +66,22 @@ def test_chunked_voice_speaks_exactly_as_the_whole_voice(voice_files):
     expected = np.clip(reference * chunked.gain, -1.0, 1.0)
     assert audio.shape == expected.shape
     assert np.abs(audio - expected).max() < 1e-3, np.abs(audio - expected).max()
+
+
+def test_a_latent_is_computed_first_as_far_as_asked_then_all_the_rest_at_once():
+    runs: list[tuple[int, int]] = []
+    frames = np.arange(300, dtype=np.float32).reshape(1, 1, 300)
+
+    def flow(start: int, end: int) -> np.ndarray:
+        runs.append((start, end))
+        return frames[:, :, start:end]
+
+    latent = vits_chunks.Latent(300, flow)
+    assert np.array_equal(latent.upto(28), frames[:, :, :28]) and runs == [(0, 28)]
+    assert np.array_equal(latent.upto(76), frames[:, :, :76]) and runs == [(0, 28), (28, 300)]
+    assert np.array_equal(latent.upto(500), frames) and len(runs) == 2  # nothing left to run
+    whole = vits_chunks.Latent.whole(frames)
+    assert whole.frames == 300 and np.array_equal(whole.upto(40), frames[:, :, :40])
 
 
 def test_a_graph_that_is_not_a_piper_voice_is_used_whole(tmp_path):
