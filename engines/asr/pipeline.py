@@ -1,8 +1,9 @@
 """From an utterance's raw PCM to a transcript or a reason to stay silent.
 
 Everything here blocks (VAD, resampling, Whisper): the actor runs :meth:`Recognizer.recognise`
-in its single worker thread. :func:`check_pcm` is the cheap validation done on the event loop
-before any work is queued.
+in a worker thread, one live recognition at a time (one given up on may still be finishing its
+stage in the other). :func:`check_pcm` is the cheap validation done on the event loop before
+any work is queued.
 """
 
 from __future__ import annotations
