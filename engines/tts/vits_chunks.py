@@ -145,6 +145,11 @@ def _flow_inputs(model: Any, latent: str) -> tuple[str, str] | None:
     return first.input[0], mask
 
 
+def _smallest(candidates: tuple[int, ...], works: Callable[[int], bool]) -> int:
+    """The first of ``candidates`` (smallest first) that ``works``, or 0 if none does."""
+    return next((candidate for candidate in candidates if works(candidate)), 0)
+
+
 class Latent:
     """A span's latent frames (1, channels, frames), computed as far as they are asked for: the
     first frames asked for by one flow run, all the rest by one more (see the module doc)."""
@@ -230,19 +235,17 @@ class ChunkedVits:
             return (len(chunked) == len(whole)
                     and float(np.abs(chunked - whole).max()) <= TOLERANCE * max(peak, 1e-4))
 
-        for context in CONTEXTS:
+        def decoder_reproduces(context: int) -> bool:
             self.context = context
-            if same(self._chunks(Latent.whole(latent))):
-                break
-        else:
-            self.context = 0
+            return same(self._chunks(Latent.whole(latent)))
+
+        def flow_reproduces(context: int) -> bool:
+            self.flow_context = context
+            return same(self._chunks(self.latent(inputs)))
+
+        self.context = _smallest(CONTEXTS, decoder_reproduces)
         if self.context and self._flow is not None:
-            for context in FLOW_CONTEXTS:
-                self.flow_context = context
-                if same(self._chunks(self.latent(inputs))):
-                    break
-            else:
-                self.flow_context = 0
+            self.flow_context = _smallest(FLOW_CONTEXTS, flow_reproduces)
         structlog.get_logger().info("tts_decoder_chunked", context=self.context,
                                     flow_context=self.flow_context, gain=round(self.gain, 3),
                                     frames=latent.shape[-1])
