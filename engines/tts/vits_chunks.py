@@ -157,23 +157,24 @@ class Latent:
     def __init__(self, frames: int, flow: Callable[[int, int], np.ndarray]) -> None:
         self.frames = frames
         self._flow = flow  # (start, end) -> exactly those latent frames
-        self._parts: list[np.ndarray] = []
-        self._until = 0  # frames computed so far
+        self._computed: np.ndarray | None = None  # the first frames, as far as computed
 
     @classmethod
     def whole(cls, latent: np.ndarray) -> Latent:
         done = cls(latent.shape[-1], lambda start, end: latent[:, :, start:end])
-        done._parts, done._until = [latent], latent.shape[-1]
+        done._computed = latent
         return done
 
     def upto(self, end: int) -> np.ndarray:
         """Frames ``[0, end)``."""
         end = min(end, self.frames)
-        if end > self._until:
-            stop = end if not self._parts else self.frames
-            self._parts = [np.concatenate([*self._parts, self._flow(self._until, stop)], axis=-1)]
-            self._until = stop
-        return self._parts[0][:, :, :end]
+        computed = self._computed
+        if computed is None:  # the first run: just what is asked for
+            computed = self._computed = self._flow(0, end)
+        elif end > computed.shape[-1]:  # the second: all the rest
+            rest = self._flow(computed.shape[-1], self.frames)
+            computed = self._computed = np.concatenate([computed, rest], axis=-1)
+        return computed[:, :, :end]
 
 
 class ChunkedVits:
@@ -224,8 +225,9 @@ class ChunkedVits:
         """Find the decoder's and the flow's contexts and the gain from one calibration
         sentence's inputs (given without sampling noise, so that the gain is the same at every
         start, and the chunked audio can be compared with the whole)."""
-        self.flow_context = 0
-        latent = self.latent(inputs).upto(2**31)
+        self.flow_context = 0  # the whole flow at once: the reference
+        span = self.latent(inputs)
+        latent = span.upto(span.frames)
         whole = self._decode(latent)
         peak = float(np.abs(whole).max())
         self.gain = TARGET_PEAK / peak if peak > 1e-4 else 1.0
