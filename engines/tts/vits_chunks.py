@@ -192,8 +192,8 @@ class ChunkedVits:
 
         self.front_session = session(graph.front)
         self._decoder = session(graph.decoder)
-        self._flow_graph = graph.flow
-        self._flow = session(graph.flow.model) if graph.flow is not None else None
+        # the flow's graph (its tensors' names) and session, when it was cut out
+        self._flow = (graph.flow, session(graph.flow.model)) if graph.flow is not None else None
         self._latent = graph.latent
         self._hop = hop
         self.context = 0  # set by calibrate(); 0: no context reproduces the whole decode
@@ -202,9 +202,9 @@ class ChunkedVits:
 
     def latent(self, inputs: dict[str, np.ndarray]) -> Latent:
         """The front half: the voice's usual inputs -> the latent frames, as far as asked."""
-        graph, session = self._flow_graph, self._flow
-        if graph is None or session is None:
+        if self._flow is None:
             return Latent.whole(self.front_session.run([self._latent], inputs)[0])
+        graph, session = self._flow
         prior, mask = self.front_session.run([graph.prior, graph.mask], inputs)
         frames, context = prior.shape[-1], self.flow_context
 
